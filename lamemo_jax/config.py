@@ -1,0 +1,151 @@
+"""ModelConfig: the frozen, validated description of a LaMemo / Transformer-XL language model.
+
+Field names follow the original implementation's hyper-parameters (``MemTransformerLM``), with
+names by meaning where the original used integers:
+
+* ``memory="xl"`` is Transformer-XL (original ``attn_type 0``), ``memory="lamemo"`` is LaMemo.
+* ``lookahead`` picks LaMemo's look-ahead variant (the original's ablations):
+  ``"disentangled"`` (attn_type 3, the paper's model: separate future position bias v_),
+  ``"signed"`` (31: signed Transformer-XL distances with the shared v),
+  ``"future_content_bias"`` (32: like 3 plus a separate future content bias u_),
+  ``"full"`` (33: the whole window without the causal mask, distance |c-p|; needs mem_len >= tgt_len).
+
+Every invalid value fails at construction with a ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+MEMORY_TYPES = ("xl", "lamemo")
+LOOKAHEAD_VARIANTS = ("disentangled", "signed", "future_content_bias", "full")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    n_token: int
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 32
+    d_head: int = 16
+    d_inner: int = 64
+    d_embed: Optional[int] = None  # None: d_model
+    div_val: int = 1
+    cutoffs: Tuple[int, ...] = ()
+    tie_weight: bool = True
+    tie_projs: Optional[Tuple[bool, ...]] = None  # None: [False] + [True]*len(cutoffs), as the original scripts
+    dropout: float = 0.0
+    dropatt: float = 0.0
+    tgt_len: int = 8
+    mem_len: int = 8
+    clamp_len: int = -1  # <= 0: off (the original's -1)
+    same_length: bool = False
+    memory: str = "lamemo"
+    lookahead: str = "disentangled"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.cutoffs, list):
+            object.__setattr__(self, "cutoffs", tuple(int(c) for c in self.cutoffs))
+        if isinstance(self.tie_projs, list):
+            object.__setattr__(self, "tie_projs", tuple(bool(t) for t in self.tie_projs))
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _fail(self, field: str, why: str):
+        raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+
+    def _validate(self):
+        for f in ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner", "tgt_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                self._fail(f, "must be a positive integer")
+        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+            self._fail("mem_len", "must be an integer >= 0")
+        if not isinstance(self.clamp_len, int) or self.clamp_len < -1:
+            self._fail("clamp_len", "must be an integer >= -1 (-1 or 0 switch clamping off)")
+        if self.d_embed is not None and (not isinstance(self.d_embed, int) or self.d_embed <= 0):
+            self._fail("d_embed", "must be a positive integer or None (= d_model)")
+        if self.d_model % 2:
+            self._fail("d_model", "must be even (sinusoid position embedding halves)")
+        if not isinstance(self.div_val, int) or self.div_val < 1:
+            self._fail("div_val", "must be an integer >= 1")
+        prev = 0
+        for c in self.cutoffs:
+            if not isinstance(c, int) or c <= prev:
+                self._fail("cutoffs", "must be strictly increasing positive integers")
+            prev = c
+        if self.cutoffs and self.cutoffs[-1] >= self.n_token:
+            self._fail("cutoffs", f"every cutoff must be below n_token={self.n_token}")
+        if self.div_val > 1:
+            for i in range(len(self.cutoffs) + 1):
+                if self.d_embed_ // (self.div_val ** i) < 1:
+                    self._fail("div_val", f"d_embed // div_val**{i} is 0 for cluster {i}")
+        if self.tie_projs is not None and len(self.tie_projs) != len(self.cutoffs) + 1:
+            self._fail("tie_projs", f"needs one entry per cluster ({len(self.cutoffs) + 1})")
+        for f in ("dropout", "dropatt"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not (0.0 <= v < 1.0):
+                self._fail(f, "must be a rate in [0, 1)")
+        if self.memory not in MEMORY_TYPES:
+            self._fail("memory", f"unknown memory type; choose one of {MEMORY_TYPES}")
+        if self.lookahead not in LOOKAHEAD_VARIANTS:
+            self._fail("lookahead", f"unknown look-ahead variant; choose one of {LOOKAHEAD_VARIANTS}")
+        if self.memory == "lamemo" and self.lookahead == "full" and self.mem_len < self.tgt_len:
+            self._fail("mem_len", "lookahead='full' needs mem_len >= tgt_len (as the original)")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                self._fail(f, f"unknown dtype; choose one of {DTYPES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            self._fail("attention_impl", f"choose one of {ATTENTION_IMPLS}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def d_embed_(self) -> int:
+        return self.d_model if self.d_embed is None else self.d_embed
+
+    @property
+    def tie_projs_(self) -> Tuple[bool, ...]:
+        if self.tie_projs is not None:
+            return self.tie_projs
+        return (False,) + (True,) * len(self.cutoffs)
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.cutoffs)
+
+    @property
+    def cutoff_ends(self) -> Tuple[int, ...]:
+        return (0,) + tuple(self.cutoffs) + (self.n_token,)
+
+    @property
+    def clamp(self) -> Optional[int]:
+        return self.clamp_len if self.clamp_len > 0 else None
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Builds from a mapping (e.g. a ConfigDict's ``model`` section); unknown keys fail."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(names)}")
+        kw = dict(d)
+        for k in ("cutoffs", "tie_projs"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

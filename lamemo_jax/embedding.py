@@ -1,0 +1,156 @@
+"""Adaptive input embedding and (adaptive) softmax, laid out as the original.
+
+Parameters live in two Flax modules, ``AdaptiveEmbedding`` (``word_emb``) and
+``AdaptiveSoftmax`` (``crit``). Tied weights are not duplicated: the softmax receives the
+embedding's tables / projections when ``tie_weight`` / ``tie_projs`` say so.
+
+Conventions (fixture README): an embedding projection P_i is stored ``[d_model, d_i]``; the
+embedding applies it as ``e @ P_i.T`` and the softmax as ``h @ Q_i`` (no transpose), so a tied
+projection works both ways. Tail cluster i uses row ``n_clusters - i`` of ``cluster_weight``.
+The embedding is multiplied by sqrt(d_model) after the projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lamemo_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def normal_init(std: float):
+    def init(key, shape, dtype):
+        return std * jax.random.normal(key, shape, dtype)
+    return init
+
+
+def cluster_dims(cfg: ModelConfig) -> list:
+    """Embedding width of each cluster (one entry when div_val == 1)."""
+    if cfg.div_val == 1:
+        return [cfg.d_embed_]
+    return [cfg.d_embed_ // (cfg.div_val ** i) for i in range(cfg.n_clusters + 1)]
+
+
+class AdaptiveEmbedding(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        ends = cfg.cutoff_ends
+        dims = cluster_dims(cfg)
+        if cfg.div_val == 1:
+            sizes = [cfg.n_token]
+        else:
+            sizes = [ends[i + 1] - ends[i] for i in range(cfg.n_clusters + 1)]
+        self.tables = [self.param(f"emb_layers_{i}", normal_init(0.02), (sizes[i], dims[i]), pdt)
+                       for i in range(len(sizes))]
+        if cfg.div_val == 1:
+            self.projs = ([self.param("emb_projs_0", normal_init(0.01), (cfg.d_model, dims[0]), pdt)]
+                          if cfg.d_embed_ != cfg.d_model else [None])
+        else:
+            self.projs = [self.param(f"emb_projs_{i}", normal_init(0.01), (cfg.d_model, dims[i]), pdt)
+                          for i in range(len(sizes))]
+
+    def __call__(self, tokens: Array) -> Array:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        if cfg.div_val == 1:
+            e = jnp.take(self.tables[0].astype(dt), tokens, axis=0)
+            if self.projs[0] is not None:
+                e = e @ self.projs[0].astype(dt).T
+        else:
+            ends = cfg.cutoff_ends
+            e = jnp.zeros(tokens.shape + (cfg.d_model,), dt)
+            for i, (table, proj) in enumerate(zip(self.tables, self.projs)):
+                lo, hi = ends[i], ends[i + 1]
+                inside = (tokens >= lo) & (tokens < hi)
+                ei = jnp.take(table.astype(dt), jnp.clip(tokens - lo, 0, hi - lo - 1), axis=0)
+                ei = ei @ proj.astype(dt).T
+                e = jnp.where(inside[..., None], ei, e)
+        return e * jnp.asarray(math.sqrt(cfg.d_model), dt)
+
+
+class AdaptiveSoftmax(nn.Module):
+    """Output layer: full softmax (no cutoffs) or the original's projected adaptive softmax."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        ends = cfg.cutoff_ends
+        dims = cluster_dims(cfg)
+        tie_projs = cfg.tie_projs_
+        n_out = 1 if cfg.div_val == 1 else cfg.n_clusters + 1
+        sizes = [cfg.n_token] if cfg.div_val == 1 else [ends[i + 1] - ends[i] for i in range(n_out)]
+        self.weights = [None if cfg.tie_weight else
+                        self.param(f"out_layers_{i}_weight", normal_init(0.02), (sizes[i], dims[i]), pdt)
+                        for i in range(n_out)]
+        self.biases = [self.param(f"out_layers_{i}_bias", nn.initializers.zeros, (sizes[i],), pdt)
+                       for i in range(n_out)]
+        projs = []
+        for i in range(cfg.n_clusters + 1):
+            d_i = dims[0] if cfg.div_val == 1 else dims[i]
+            has_proj = cfg.div_val > 1 or cfg.d_embed_ != cfg.d_model
+            if not has_proj or tie_projs[i]:
+                projs.append(None)
+            else:
+                projs.append(self.param(f"out_projs_{i}", normal_init(0.01), (cfg.d_model, d_i), pdt))
+        self.projs = projs
+        if cfg.n_clusters:
+            self.cluster_weight = self.param("cluster_weight", normal_init(0.02),
+                                             (cfg.n_clusters, dims[0]), pdt)
+            self.cluster_bias = self.param("cluster_bias", nn.initializers.zeros, (cfg.n_clusters,), pdt)
+
+    def _cluster_params(self, emb_tables: Sequence[Array], emb_projs: Sequence[Optional[Array]]):
+        """(weight, bias, proj) of the head and each tail cluster, ties resolved."""
+        cfg = self.cfg
+        ends = cfg.cutoff_ends
+        tie_projs = cfg.tie_projs_
+        out = []
+        for i in range(cfg.n_clusters + 1):
+            j = 0 if cfg.div_val == 1 else i
+            w = emb_tables[j] if cfg.tie_weight else self.weights[j]
+            b = self.biases[j]
+            if cfg.div_val == 1 and cfg.n_clusters:
+                w, b = w[ends[i]:ends[i + 1]], b[ends[i]:ends[i + 1]]
+            proj = self.projs[i]
+            if proj is None and tie_projs[i]:
+                proj = emb_projs[0] if cfg.div_val == 1 else emb_projs[i]
+            out.append((w, b, proj))
+        return out
+
+    def log_probs(self, h: Array, emb_tables, emb_projs) -> Array:
+        """Full log-probabilities [..., n_token] in the stat dtype (float32 or float64)."""
+        cfg = self.cfg
+        sdt = jnp.promote_types(h.dtype, jnp.float32)
+        params = self._cluster_params(emb_tables, emb_projs)
+
+        def logits(w, b, proj):
+            x = h if proj is None else h @ proj.astype(h.dtype)
+            return (jnp.einsum("...d,vd->...v", x, w.astype(h.dtype), preferred_element_type=sdt)
+                    + b.astype(sdt))
+
+        if not cfg.n_clusters:
+            return jax.nn.log_softmax(logits(*params[0]), axis=-1)
+        w0, b0, p0 = params[0]
+        w0 = jnp.concatenate([w0, self.cluster_weight.astype(w0.dtype)], axis=0)
+        b0 = jnp.concatenate([b0, self.cluster_bias.astype(b0.dtype)], axis=0)
+        head = jax.nn.log_softmax(logits(w0, b0, p0), axis=-1)
+        c1 = cfg.cutoffs[0]
+        parts = [head[..., :c1]]
+        for i in range(1, cfg.n_clusters + 1):
+            tail = jax.nn.log_softmax(logits(*params[i]), axis=-1)
+            parts.append(head[..., c1 + cfg.n_clusters - i, None] + tail)
+        return jnp.concatenate(parts, axis=-1)
+
+    def nll(self, h: Array, targets: Array, emb_tables, emb_projs) -> Array:
+        lp = self.log_probs(h, emb_tables, emb_projs)
+        return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]

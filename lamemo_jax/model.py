@@ -1,0 +1,257 @@
+"""The LaMemo / Transformer-XL language model as Flax (Linen) modules: one segment per call.
+
+``TransformerLM(cfg)(tokens, memory, targets, train)`` runs one segment of N tokens of every
+batch row against the carried memory and returns the per-token NLL (or log-probabilities) and
+the new memory. The recurrence over segments (``lax.scan``) lives in ``lamemo_jax.api``.
+
+The attention math is not written here: the model calls ``kernels.rel_attention`` (current rows,
+Transformer-XL) and ``kernels.lookahead`` (LaMemo memory refresh + interpolation) through the
+dispatcher in ``kernels``, so the XLA path and the kernel tests share one reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from lamemo_jax.config import ModelConfig
+from lamemo_jax.embedding import AdaptiveEmbedding, AdaptiveSoftmax, normal_init
+from lamemo_jax.memory import LaMemoMemory, XLMemory, push, stat_dtype_of
+
+Array = jax.Array
+
+
+def inv_freq(d_model: int) -> np.ndarray:
+    """Sinusoid frequencies 1/10000^(2k/d), computed in float32 exactly as the original buffer."""
+    return (1.0 / (10000 ** (np.arange(0.0, d_model, 2.0, dtype=np.float32) / np.float32(d_model)))
+            ).astype(np.float32)
+
+
+def sinusoid(pos: Array, d_model: int, dtype) -> Array:
+    """[P] distances -> [P, d]: [sin(pos*f) | cos(pos*f)] (halves concatenated)."""
+    x = pos.astype(dtype)[:, None] * jnp.asarray(inv_freq(d_model), dtype)[None, :]
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
+def position_sequence(cfg: ModelConfig, n: int, mb: int) -> np.ndarray:
+    """The original's pos_seq: past distances K-1..0, then (LaMemo) future distances.
+
+    Future distances are 1..Mb, or -1..-Mb for the 'signed' variant; clamp_len clamps from above
+    only (so the signed variant's negative distances are never clamped, as in the original).
+    """
+    k = mb + n
+    pos = np.arange(k - 1, -1, -1, dtype=np.float64)
+    if cfg.memory == "lamemo" and mb > 0:
+        fut = np.arange(1, mb + 1, dtype=np.float64)
+        if cfg.lookahead == "signed":
+            fut = -fut
+        pos = np.concatenate([pos, fut])
+    if cfg.clamp is not None:
+        pos = np.minimum(pos, cfg.clamp)
+    return pos
+
+
+def dropout(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
+    """Inverted dropout with a fresh mask from the module's 'dropout' RNG stream."""
+    if not train or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+class LayerNorm(nn.Module):
+    """Post-LN LayerNorm (eps 1e-5, biased variance); gain initialised N(1, 0.02) as the original."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        pdt = jnp.dtype(self.cfg.param_dtype)
+        d = x.shape[-1]
+        g = self.param("scale", lambda k, s, t: 1.0 + 0.02 * jax.random.normal(k, s, t), (d,), pdt)
+        b = self.param("bias", nn.initializers.zeros, (d,), pdt)
+        sdt = stat_dtype_of(self.cfg)
+        xf = x.astype(sdt)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) / jnp.sqrt(var + 1e-5)
+        return (y * g.astype(sdt) + b.astype(sdt)).astype(x.dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias); kernel stored [in, out] (the original's weight transposed)."""
+
+    cfg: ModelConfig
+    features: int
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        w = self.param("kernel", normal_init(0.02), (x.shape[-1], self.features), pdt)
+        y = jnp.dot(x.astype(dt), w.astype(dt))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), pdt).astype(dt)
+        return y
+
+
+class PositionwiseFF(nn.Module):
+    """LN(x + Linear(dropout(ReLU(Linear(x)))) -> dropout)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        cfg = self.cfg
+        y = Dense(cfg, cfg.d_inner, use_bias=True, name="CoreNet_0")(x)
+        y = dropout(self, jax.nn.relu(y), cfg.dropout, train)
+        y = Dense(cfg, cfg.d_model, use_bias=True, name="CoreNet_3")(y)
+        y = dropout(self, y, cfg.dropout, train)
+        return LayerNorm(cfg, name="layer_norm")(x + y)
+
+
+class DecoderLayer(nn.Module):
+    """One post-LN layer. XL: attention of the current rows. LaMemo: plus the memory refresh."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_cur, h_mem, pos_emb, biases, mem_length, cache, train: bool):
+        cfg = self.cfg
+        hd = cfg.n_head * cfg.d_head
+        b, n, _ = h_cur.shape
+        mb = h_mem.shape[1]
+        k_len = mb + n
+        scale = 1.0 / math.sqrt(cfg.d_head)
+        split = lambda x: x.reshape(x.shape[:-1] + (cfg.n_head, cfg.d_head))
+        cat = jnp.concatenate([h_mem, h_cur], axis=1)  # [B, K, d]
+        key_start = mb - mem_length
+        drop = lambda x: dropout(self, x, cfg.dropout, train)
+        dropatt_rng = self.make_rng("dropout") if (train and cfg.dropatt > 0) else None
+
+        r_all = split(Dense(cfg, hd, name="r_net")(pos_emb))  # [K(+Mb), H, Dh]
+        r_past = r_all[:k_len]
+        o_net = Dense(cfg, cfg.d_model, name="o_net")
+        attn_norm = LayerNorm(cfg, name="attn_norm")
+        ff = PositionwiseFF(cfg, name="pos_ff")
+
+        if cfg.memory == "xl":
+            qkv = Dense(cfg, 3 * hd, name="qkv_net")(cat)  # one [d, 3HD] weight: [q | k | v]
+            q = split(qkv[:, mb:, :hd])
+            k, v = split(qkv[..., hd:2 * hd]), split(qkv[..., 2 * hd:])
+            a, _ = kernels.rel_attention(cfg.attention_impl, q, k, v, r_past, biases["u"], biases["v"],
+                                         key_start, scale=scale, same_length=cfg.same_length,
+                                         dropatt=cfg.dropatt if train else 0.0, dropout_rng=dropatt_rng)
+            out = attn_norm(h_cur + drop(o_net(a.reshape(b, n, hd))))
+            return ff(out, train), None
+
+        q = split(Dense(cfg, hd, name="q_net")(cat))
+        kv = Dense(cfg, 2 * hd, name="kv_net")(cat)
+        k, v = split(kv[..., :hd]), split(kv[..., hd:])
+        a, lse_cur = kernels.rel_attention(cfg.attention_impl, q[:, mb:], k, v, r_past, biases["u"],
+                                           biases["v"], key_start, scale=scale,
+                                           same_length=cfg.same_length,
+                                           dropatt=cfg.dropatt if train else 0.0,
+                                           dropout_rng=dropatt_rng)
+        h_cur = attn_norm(h_cur + drop(o_net(a.reshape(b, n, hd))))
+        cache_attn, cache_lse = cache
+        if mb > 0:
+            w = min(mb, n)
+            r_fut = r_all[k_len:]
+            if cfg.lookahead == "full":
+                r_table, r_offset, causal = jnp.concatenate([r_past[k_len - w + 1:], r_fut]), w - 2, False
+            else:
+                r_table, r_offset, causal = r_fut, -1, True
+            c, new_lse = kernels.lookahead(
+                cfg.attention_impl, q[:, :mb], k[:, mb - w + 1:mb + 1], v[:, mb - w + 1:mb + 1],
+                r_table, biases["u_future"], biases["v_future"],
+                jax.lax.stop_gradient(cache_attn), jax.lax.stop_gradient(cache_lse), mem_length,
+                r_offset=r_offset, scale=scale, causal=causal,
+                dropatt=cfg.dropatt if train else 0.0,
+                dropout_rng=self.make_rng("dropout") if dropatt_rng is not None else None)
+            h_mem = attn_norm(h_mem + drop(o_net(c.reshape(b, mb, hd))))
+        else:
+            c, new_lse = cache_attn, cache_lse
+        new_cache = (jax.lax.stop_gradient(push(c, a, axis=1)),
+                     jax.lax.stop_gradient(push(new_lse, lse_cur, axis=1)))
+        out = ff(jnp.concatenate([h_mem, h_cur], axis=1), train)
+        return (out[:, mb:], out[:, :mb]), new_cache
+
+
+class TransformerLM(nn.Module):
+    """One segment: tokens [B, N] + memory -> (nll [B, N] or log-probs [B, N, V], new memory)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        hshape = (cfg.n_head, cfg.d_head)
+        self.word_emb = AdaptiveEmbedding(cfg)
+        self.crit = AdaptiveSoftmax(cfg)
+        self.r_w_bias = self.param("r_w_bias", normal_init(0.02), hshape, pdt)
+        self.r_r_bias = self.param("r_r_bias", normal_init(0.02), hshape, pdt)
+        if cfg.memory == "lamemo" and cfg.lookahead != "signed":
+            self.r_r_bias_future = self.param("r_r_bias_future", nn.initializers.xavier_uniform(), hshape, pdt)
+        if cfg.memory == "lamemo" and cfg.lookahead == "future_content_bias":
+            self.r_w_bias_future = self.param("r_w_bias_future", nn.initializers.xavier_uniform(), hshape, pdt)
+        self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.n_layer)]
+
+    def _biases(self):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        u, v = self.r_w_bias.astype(dt), self.r_r_bias.astype(dt)
+        biases = {"u": u, "v": v, "u_future": u, "v_future": v}
+        if cfg.memory == "lamemo" and cfg.lookahead != "signed":
+            biases["v_future"] = self.r_r_bias_future.astype(dt)
+        if cfg.memory == "lamemo" and cfg.lookahead == "future_content_bias":
+            biases["u_future"] = self.r_w_bias_future.astype(dt)
+        return biases
+
+    def __call__(self, tokens: Array, memory, targets: Optional[Array] = None, train: bool = False):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        n = tokens.shape[1]
+        mb = memory.mem_len
+        drop = lambda x: dropout(self, x, cfg.dropout, train)
+
+        core = drop(self.word_emb(tokens))  # post-dropout scaled embeddings: what memory stores
+        pos = jnp.asarray(position_sequence(cfg, n, mb))
+        pos_emb = drop(sinusoid(pos, cfg.d_model, stat_dtype_of(cfg)).astype(dt))  # one mask, all layers
+        biases = self._biases()
+        new_length = jnp.minimum(memory.length + n, mb).astype(jnp.int32)
+
+        if isinstance(memory, XLMemory):
+            hids = [core]
+            h = core
+            for i, layer in enumerate(self.layers):
+                h, _ = layer(h, memory.hidden[i], pos_emb, biases, memory.length, None, train)
+                hids.append(h)
+            new_memory = XLMemory(
+                hidden=jax.lax.stop_gradient(push(memory.hidden, jnp.stack(hids), axis=2)),
+                length=new_length)
+        else:
+            h, h_mem = core, memory.embed
+            attn, lse = [], []
+            for i, layer in enumerate(self.layers):
+                (h, h_mem), (c_i, z_i) = layer(h, h_mem, pos_emb, biases, memory.length,
+                                               (memory.attn[i], memory.lse[i]), train)
+                attn.append(c_i)
+                lse.append(z_i)
+            new_memory = LaMemoMemory(
+                embed=jax.lax.stop_gradient(push(memory.embed, core, axis=1)),
+                attn=jnp.stack(attn), lse=jnp.stack(lse), length=new_length)
+
+        h = drop(h)
+        tables = self.word_emb.tables
+        projs = self.word_emb.projs
+        if targets is None:
+            return self.crit.log_probs(h, tables, projs), new_memory
+        return self.crit.nll(h, targets, tables, projs), new_memory
