@@ -49,6 +49,7 @@ class ModelConfig:
     same_length: bool = False
     memory: str = "lamemo"
     lookahead: str = "disentangled"
+    lookahead_eps: float = 1e-6  # the original's eps in alpha; 0.0 = exact online-softmax merge (non-default)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     attention_impl: str = "auto"
@@ -102,6 +103,8 @@ class ModelConfig:
             self._fail("lookahead", f"unknown look-ahead variant; choose one of {LOOKAHEAD_VARIANTS}")
         if self.memory == "lamemo" and self.lookahead == "full" and self.mem_len < self.tgt_len:
             self._fail("mem_len", "lookahead='full' needs mem_len >= tgt_len (as the original)")
+        if not isinstance(self.lookahead_eps, (int, float)) or self.lookahead_eps < 0:
+            self._fail("lookahead_eps", "must be a number >= 0")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 self._fail(f, f"unknown dtype; choose one of {DTYPES}")

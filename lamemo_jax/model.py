@@ -173,7 +173,7 @@ class DecoderLayer(nn.Module):
                 cfg.attention_impl, q[:, :mb], k[:, mb - w + 1:mb + 1], v[:, mb - w + 1:mb + 1],
                 r_table, biases["u_future"], biases["v_future"],
                 jax.lax.stop_gradient(cache_attn), jax.lax.stop_gradient(cache_lse), mem_length,
-                r_offset=r_offset, scale=scale, causal=causal,
+                r_offset=r_offset, scale=scale, causal=causal, eps=cfg.lookahead_eps,
                 dropatt=cfg.dropatt if train else 0.0,
                 dropout_rng=self.make_rng("dropout") if dropatt_rng is not None else None)
             h_mem = attn_norm(h_mem + drop(o_net(c.reshape(b, mb, hd))))

@@ -1,0 +1,163 @@
+"""Experiment configuration: the ConfigDict schema of ``configs/*.py`` and its typed, validated form.
+
+A config file's ``get_config()`` starts from ``base_config()`` and overrides fields; the command
+line overrides more (``--config.model.n_layer=4``). ``ExperimentConfig.from_config_dict`` turns
+the result into frozen dataclasses at the library boundary: an unknown key or an invalid value
+fails here with a message naming it (``train.batch_siez: unknown key ...``).
+
+Sections: ``model`` (``ModelConfig`` fields), ``data``, ``train``, ``eval``, ``mesh``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import ml_collections
+
+from lamemo_jax.config import ConfigError, ModelConfig
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8  # global batch (all processes)
+    num_steps: int = 1000
+    optimizer: str = "adam"
+    learning_rate: float = 2.5e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine from learning_rate to min_learning_rate over num_steps
+    warmup_steps: int = 0
+    min_learning_rate: float = 0.0
+    clip: float = 0.25  # global-norm clip (of the gradient of the loss as optimised; see halve_loss)
+    grad_accum_steps: int = 1  # optax.MultiSteps: one update every k micro-steps
+    halve_loss: bool = False  # original: backprop (loss + 0) / 2, so clip 0.25 acts like 0.5
+    log_every: int = 50
+    eval_every: int = 1000  # 0: only at the end
+    eval_tokens: int = 0  # tokens of the validation split used by periodic evals (0: all)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 0
+    roll_each_epoch: bool = True  # the original's per-epoch random roll of every row-stream
+    max_consecutive_nonfinite: int = 10
+    progress_bar: bool = True  # only shown on a terminal
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "num_steps", "log_every", "checkpoint_every",
+                  "grad_accum_steps", "keep_checkpoints", "max_consecutive_nonfinite")
+        _nonneg(self, "warmup_steps", "eval_every", "eval_tokens", "weight_decay", "clip",
+                "min_learning_rate", "seed")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate={self.learning_rate}: must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={self.optimizer!r}: choose one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.warmup_steps >= self.num_steps and self.warmup_steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps}: must be < num_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    tgt_len: int = 0  # 0: model.tgt_len
+    mem_len: int = -1  # -1: model.mem_len
+    clamp_len: int = -1  # -1: off (the original's eval protocol)
+    same_length: bool = False
+    batch_size: int = 16  # contiguous streams (the original's protocol)
+    split: str = "test"
+
+    def __post_init__(self):
+        _nonneg(self, "tgt_len")
+        _positive(self, "batch_size")
+        if self.mem_len < -1:
+            raise ConfigError(f"eval.mem_len={self.mem_len}: must be >= 0 (or -1 = model.mem_len)")
+        if self.clamp_len < -1:
+            raise ConfigError(f"eval.clamp_len={self.clamp_len}: must be >= -1")
+        if self.split not in SPLITS:
+            raise ConfigError(f"eval.split={self.split!r}: choose one of {SPLITS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: the rest of the devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+def _positive(obj, *names):
+    sec = type(obj).__name__.replace("Config", "").lower()
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ConfigError(f"{sec}.{n}={v!r}: must be > 0")
+
+
+def _nonneg(obj, *names):
+    sec = type(obj).__name__.replace("Config", "").lower()
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"{sec}.{n}={v!r}: must be >= 0")
+
+
+def _build(cls, section: str, d: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; known: {sorted(names)}")
+    try:
+        return cls(**dict(d))
+    except TypeError as e:
+        raise ConfigError(f"{section}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig
+    data: Mapping[str, Any]  # validated by lamemo_jax.data.load
+    train: TrainConfig
+    eval: EvalConfig
+    mesh: MeshConfig
+
+    @classmethod
+    def from_config_dict(cls, cd) -> "ExperimentConfig":
+        d = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+        unknown = sorted(set(d) - {"model", "data", "train", "eval", "mesh"})
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; known: data, eval, mesh, model, train")
+        model = ModelConfig.from_dict(d.get("model", {}))
+        return cls(model=model, data=dict(d.get("data", {})),
+                   train=_build(TrainConfig, "train", d.get("train", {})),
+                   eval=_build(EvalConfig, "eval", d.get("eval", {})),
+                   mesh=_build(MeshConfig, "mesh", d.get("mesh", {})))
+
+    def eval_model(self, *, mem_len: Optional[int] = None) -> ModelConfig:
+        """The model config with the evaluation lengths of the ``eval`` section."""
+        e = self.eval
+        m = self.model
+        return m.replace(tgt_len=e.tgt_len or m.tgt_len,
+                         mem_len=(mem_len if mem_len is not None else (m.mem_len if e.mem_len < 0 else e.mem_len)),
+                         clamp_len=e.clamp_len, same_length=e.same_length, dropout=0.0, dropatt=0.0)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults of every section; config files override what they need."""
+    model = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+             if f.default is not dataclasses.MISSING}
+    model["n_token"] = 0
+    model["cutoffs"] = ()
+    model["tie_projs"] = None
+    model["d_embed"] = None
+    cd = ml_collections.ConfigDict()
+    cd.model = ml_collections.ConfigDict(model, type_safe=False)
+    cd.data = ml_collections.ConfigDict({"name": "random"}, type_safe=False)
+    cd.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
+    cd.eval = ml_collections.ConfigDict(dataclasses.asdict(EvalConfig()))
+    cd.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
+    return cd

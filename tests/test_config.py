@@ -1,0 +1,78 @@
+"""Configs: validation errors name the field; every config file loads and builds its model."""
+
+import glob
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import lamemo_jax
+from lamemo_jax import ModelConfig
+from lamemo_jax.config import ConfigError
+from lamemo_jax.experiment import ExperimentConfig
+from tests.conftest import ROOT
+
+CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                      if not p.endswith("__init__.py"))
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(memory="fifo"), "memory"),
+    (dict(lookahead="31"), "lookahead"),
+    (dict(cutoffs=(20, 10)), "cutoffs"),
+    (dict(cutoffs=(20, 50)), "cutoffs"),
+    (dict(mem_len=-3), "mem_len"),
+    (dict(tgt_len=0), "tgt_len"),
+    (dict(clamp_len=-5), "clamp_len"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(d_model=33, d_head=11, n_head=3), "d_model"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(memory="lamemo", lookahead="full", mem_len=4, tgt_len=8), "mem_len"),
+    (dict(cutoffs=(10,), tie_projs=(False,)), "tie_projs"),
+])
+def test_invalid_model_config_names_the_field(kw, field):
+    base = dict(n_token=50, n_layer=1, n_head=2, d_model=8, d_head=4, d_inner=16)
+    base.update(kw)
+    with pytest.raises(ConfigError, match=f"ModelConfig.{field}"):
+        ModelConfig(**base)
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ConfigError, match="n_layers"):
+        ModelConfig.from_dict({"n_token": 10, "n_layers": 2})
+    cd = importlib.import_module("configs.wt103").get_config()
+    cd.train.batch_siez = 3
+    with pytest.raises(ConfigError, match="batch_siez"):
+        ExperimentConfig.from_config_dict(cd)
+    cd = importlib.import_module("configs.wt103").get_config()
+    cd.train.optimizer = "sgd"
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        ExperimentConfig.from_config_dict(cd)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_file_loads_and_builds(name):
+    mod = importlib.import_module(f"configs.{name}")
+    assert mod.__doc__ and "python train.py" in mod.__doc__, f"configs/{name}.py must document its command"
+    exp = ExperimentConfig.from_config_dict(mod.get_config())
+    for memory in ("lamemo", "xl"):
+        cfg = exp.model.replace(memory=memory)
+        shapes = jax.eval_shape(lambda: lamemo_jax.init_params(cfg, jax.random.key(0)))
+        assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) > 0
+        mem = jax.eval_shape(lambda: lamemo_jax.init_memory(cfg, 2))
+        assert mem.length.shape == (2,)
+
+
+@pytest.mark.parametrize("name,memory,count", [
+    ("wt103", "lamemo", 151_106_715), ("wt103", "xl", 151_106_305),
+    ("enwik8", "lamemo", 41_055_948), ("enwik8", "xl", 41_055_436),
+    ("text8", "lamemo", 40_965_147), ("text8", "xl", 40_964_635),
+])
+def test_paper_parameter_counts(name, memory, count):
+    mod = importlib.import_module(f"configs.{name}")
+    assert f"{count:,}" in mod.__doc__, "the docstring must state the parameter count"
+    cfg = ExperimentConfig.from_config_dict(mod.get_config()).model.replace(memory=memory)
+    shapes = jax.eval_shape(lambda: lamemo_jax.init_params(cfg, jax.random.key(0)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count

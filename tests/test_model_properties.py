@@ -1,0 +1,223 @@
+"""Properties of the model that hold by construction of the method (no fixtures needed)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lamemo_jax
+from lamemo_jax import ModelConfig
+from lamemo_jax.model import position_sequence, sinusoid
+
+
+def small_cfg(**kw):
+    base = dict(n_token=64, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32, tgt_len=6,
+                mem_len=10, memory="lamemo", dtype="float64", param_dtype="float64")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def perturbed_params(cfg, seed=0):
+    """Init params plus N(0, 0.1) noise so that no bias is 0 and no gain is 1."""
+    params = lamemo_jax.init_params(cfg, jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("lookahead", ["disentangled", "signed", "future_content_bias", "full"])
+def test_causality_through_gradients(lookahead):
+    """The loss at t has exactly zero gradient w.r.t. the input embedding of every later token.
+
+    Every position holds a distinct token id and the softmax is untied, so the gradient w.r.t. a
+    table row is the gradient w.r.t. that position's input embedding. Two segments, memory
+    refresh included, train mode with dropout.
+    """
+    n = 6
+    cfg = small_cfg(lookahead=lookahead, tie_weight=False, mem_len=n + 3 if lookahead != "full" else n,
+                    dropout=0.1, tgt_len=n)
+    params = perturbed_params(cfg)
+    tokens = np.arange(3 * n + 1, dtype=np.int32)[None, :] + 1  # distinct ids per position
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    rng = jax.random.key(7)
+
+    def loss_at(table, t):
+        p = dict(params, word_emb=dict(params["word_emb"], emb_layers_0=table))
+        mem = lamemo_jax.init_memory(cfg, 1)
+        total = 0.0
+        for s in range(3):
+            out, mem = lamemo_jax.apply(cfg, p, inputs[:, s * n:(s + 1) * n], mem,
+                                        targets=targets[:, s * n:(s + 1) * n], train=True,
+                                        rng=jax.random.fold_in(rng, s))
+            for i in range(n):
+                if s * n + i == t:
+                    total = total + out.nll[0, i]
+        return total
+
+    table = params["word_emb"]["emb_layers_0"]
+    for t in (2 * n + 1, 2 * n + n - 2, n + 2):
+        g = np.asarray(jax.grad(loss_at)(table, t))
+        row_norm = np.abs(g).sum(-1)
+        later = tokens[0, t + 1:3 * n]  # input ids of later positions
+        assert np.all(row_norm[later] == 0.0), (t, row_norm[later])
+        assert row_norm[tokens[0, t]] > 0 and row_norm[tokens[0, t - 1]] > 0
+
+
+def test_xl_with_long_memory_equals_one_pass():
+    """XL, mem_len >= total length: S segments with memory == one segment over everything."""
+    s, n = 4, 5
+    cfg = small_cfg(memory="xl", tgt_len=n, mem_len=s * n, dtype="float32", param_dtype="float32")
+    params = perturbed_params(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.n_token, (3, s * n + 1)).astype(np.int32)
+    nll_seg, _ = lamemo_jax.score(cfg, params, tokens)
+    nll_one, _ = lamemo_jax.score(cfg, params, tokens, tgt_len=s * n)
+    assert np.abs(nll_seg - nll_one).max() <= 1e-6
+
+
+def _layer0_window_softmax(cfg, params, tokens, S):
+    """Naive: for each memory token after S segments, one softmax over its whole window at layer 0.
+
+    Keys run from the token's causal window start (its own segment's memory start) up to
+    max(t, first token of the last segment); past keys use v and r(t-j), future keys v_ and r(j-t).
+    """
+    n, mem_len = cfg.tgt_len, cfg.mem_len
+    h, dh = cfg.n_head, cfg.d_head
+    p = jax.tree.map(np.asarray, params)
+    emb = p["word_emb"]["emb_layers_0"][tokens[0, :S * n]] * math.sqrt(cfg.d_model)
+    lp = p["layers_0"]
+    q = (emb @ lp["q_net"]["kernel"]).reshape(-1, h, dh)
+    kv = emb @ lp["kv_net"]["kernel"]
+    k = kv[:, :h * dh].reshape(-1, h, dh)
+    v = kv[:, h * dh:].reshape(-1, h, dh)
+    u, vb = p["r_w_bias"], p["r_r_bias"]
+    vf = vb if cfg.lookahead == "signed" else p["r_r_bias_future"]
+    uf = p["r_w_bias_future"] if cfg.lookahead == "future_content_bias" else u
+    wr = lp["r_net"]["kernel"]
+
+    def r(dist, future=False):
+        d = min(dist, cfg.clamp_len) if cfg.clamp_len > 0 else dist
+        if future and cfg.lookahead == "signed":
+            d = -dist  # signed TXL distance; the original clamps from above only
+        return (np.asarray(sinusoid(jnp.asarray([float(d)]), cfg.d_model, jnp.float64)) @ wr).reshape(h, dh)
+
+    m = min(mem_len, S * n)
+    C, Z = [], []
+    for t in range(S * n - m, S * n):
+        s0 = t // n
+        start = s0 * n - min(mem_len, s0 * n)
+        end = t if s0 == S - 1 else max(t, (S - 1) * n)
+        sc = []
+        for j in range(start, end + 1):
+            if j <= t:
+                sc.append(np.einsum("hd,hd->h", q[t] + u, k[j]) + np.einsum("hd,hd->h", q[t] + vb, r(t - j)))
+            else:
+                sc.append(np.einsum("hd,hd->h", q[t] + uf, k[j])
+                          + np.einsum("hd,hd->h", q[t] + vf, r(j - t, future=True)))
+        sc = np.stack(sc) / math.sqrt(dh)  # [keys, H]
+        z = np.log(np.exp(sc - sc.max(0)).sum(0)) + sc.max(0)
+        C.append(np.einsum("jh,jhd->hd", np.exp(sc - z), v[start:end + 1]))
+        Z.append(z)
+    return np.stack(C), np.stack(Z), np.abs(v).max()
+
+
+@pytest.mark.parametrize("mem_len,clamp,lookahead", [(15, -1, "disentangled"), (9, 4, "disentangled"),
+                                                     (9, 4, "signed"), (15, -1, "future_content_bias")])
+def test_lamemo_layer0_refresh_is_one_softmax_over_the_window(mem_len, clamp, lookahead):
+    """With eps = 0 the layer-0 cache is exactly one softmax over each token's whole window;
+    with the original's eps = 1e-6 it deviates by at most S * 2 * eps * max|v|."""
+    S, n = 5, 6
+    cfg = small_cfg(n_layer=1, tgt_len=n, mem_len=mem_len, clamp_len=clamp, lookahead_eps=0.0,
+                    lookahead=lookahead)
+    params = perturbed_params(cfg, seed=3)
+    tokens = np.random.default_rng(1).integers(0, cfg.n_token, (1, S * n + 1)).astype(np.int32)
+    _, mem = lamemo_jax.score(cfg, params, tokens)
+    C_ref, Z_ref, v_max = _layer0_window_softmax(cfg, params, tokens, S)
+    np.testing.assert_allclose(np.asarray(mem.attn[0, 0]), C_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(mem.lse[0, 0]), Z_ref, rtol=0, atol=1e-12)
+    _, mem_eps = lamemo_jax.score(cfg.replace(lookahead_eps=1e-6), params, tokens)
+    dev = np.abs(np.asarray(mem_eps.attn[0, 0]) - C_ref).max()
+    # each refresh moves alpha by <= eps and c by <= eps*|C - b| <= 2*eps*max|v|; <= S refreshes
+    assert 0 < dev <= S * 1e-6 * 2 * v_max
+
+
+@pytest.mark.parametrize("memory", ["lamemo", "xl"])
+def test_reset_row_equals_fresh_stream(memory):
+    S, n = 4, 5
+    cfg = small_cfg(memory=memory, tgt_len=n, mem_len=7)
+    params = perturbed_params(cfg)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, cfg.n_token, (2, S * n + 1)).astype(np.int32)
+    inputs = tokens[:, :-1].reshape(2, S, n)
+    targets = tokens[:, 1:].reshape(2, S, n)
+    reset = np.zeros((2, S), bool)
+    reset[0, 2] = True
+    mem0 = lamemo_jax.init_memory(cfg, 2)
+    nll, _ = lamemo_jax.run_segments(cfg, params, inputs, targets, mem0, start_of_sequence_BS=reset)
+    nll_plain, _ = lamemo_jax.run_segments(cfg, params, inputs, targets, mem0)
+    fresh, _ = lamemo_jax.run_segments(cfg, params, inputs[:1, 2:], targets[:1, 2:],
+                                       lamemo_jax.init_memory(cfg, 1))
+    np.testing.assert_allclose(np.asarray(nll[0, 2:]), np.asarray(fresh[0]), rtol=0, atol=1e-12)
+    # other rows and earlier segments untouched (float64 round-off of a differently fused program)
+    np.testing.assert_allclose(np.asarray(nll[1]), np.asarray(nll_plain[1]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(nll[0, :2]), np.asarray(nll_plain[0, :2]), rtol=0, atol=1e-12)
+    assert np.abs(np.asarray(nll[0, 2:]) - np.asarray(nll_plain[0, 2:])).max() > 1e-6
+
+
+def test_dropout_masks_differ_per_segment_and_step():
+    n = 6
+    cfg = small_cfg(dropout=0.3, dropatt=0.2, tgt_len=n, dtype="float32", param_dtype="float32")
+    params = perturbed_params(cfg)
+    seg = np.random.default_rng(3).integers(0, cfg.n_token, (1, n + 1)).astype(np.int32)
+    inputs = np.repeat(seg[:, None, :-1], 3, axis=1)
+    targets = np.repeat(seg[:, None, 1:], 3, axis=1)
+    reset = np.ones((1, 3), bool)  # identical segments from an empty memory each time
+    mem = lamemo_jax.init_memory(cfg, 1)
+    run = lambda key: np.asarray(lamemo_jax.run_segments(cfg, params, inputs, targets, mem, train=True,
+                                                         rng=key, start_of_sequence_BS=reset)[0])
+    a = run(jax.random.key(0))
+    assert not np.allclose(a[0, 0], a[0, 1]) and not np.allclose(a[0, 1], a[0, 2])
+    np.testing.assert_array_equal(a, run(jax.random.key(0)))  # same key: same masks
+    assert not np.allclose(a, run(jax.random.key(1)))
+    ev = np.asarray(lamemo_jax.run_segments(cfg, params, inputs, targets, mem, start_of_sequence_BS=reset)[0])
+    np.testing.assert_allclose(ev[0, 0], ev[0, 1], rtol=0, atol=1e-6)  # eval: no dropout
+
+
+def test_lookahead_never_builds_an_M_by_M_tensor():
+    """Every intermediate of a LaMemo segment with M=256, N=8 is O(M*min(M,N)), never M x M."""
+    m, n = 256, 8
+    cfg = small_cfg(tgt_len=n, mem_len=m, dtype="float32", param_dtype="float32")
+    params = jax.eval_shape(lambda: lamemo_jax.init_params(cfg, jax.random.key(0)))
+    mem = jax.eval_shape(lambda: lamemo_jax.init_memory(cfg, 2))
+    toks = jax.ShapeDtypeStruct((2, n), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p, t, mm: lamemo_jax.apply(cfg, p, t, mm, targets=t, train=True,
+                                                              rng=jax.random.key(0)))(params, toks, mem)
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            for var in eqn.outvars:
+                shape = getattr(var.aval, "shape", ())
+                assert sum(1 for d in shape if d >= m) <= 1, (eqn.primitive, shape)
+            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else []:
+                walk(sub)
+    walk(jaxpr.jaxpr)
+
+
+def test_first_segment_is_plain_causal_attention():
+    """M = 0: the memory types agree on a fresh segment only through the XL current-row math;
+    LaMemo's caches are filled with the causal attention outputs."""
+    cfg = small_cfg(mem_len=6, tgt_len=6)
+    params = perturbed_params(cfg)
+    tokens = np.random.default_rng(4).integers(0, cfg.n_token, (2, 7)).astype(np.int32)
+    _, mem = lamemo_jax.score(cfg, params, tokens)
+    assert np.asarray(mem.length).tolist() == [6, 6]
+    assert np.all(np.isfinite(np.asarray(mem.lse))) and np.abs(np.asarray(mem.attn)).sum() > 0
+
+
+def test_position_sequence_matches_original():
+    cfg = small_cfg(clamp_len=4, tgt_len=3, mem_len=5)
+    np.testing.assert_array_equal(position_sequence(cfg, 3, 5), [4, 4, 4, 4, 3, 2, 1, 0, 1, 2, 3, 4, 4])
+    cfg = cfg.replace(lookahead="signed")
+    np.testing.assert_array_equal(position_sequence(cfg, 3, 5)[8:], [-1, -2, -3, -4, -5])
