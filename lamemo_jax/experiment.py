@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults of every section; config files override what they need."""
     model = {f.name: f.default for f in dataclasses.fields(ModelConfig)
              if f.default is not dataclasses.MISSING}
-    model["n_token"] = 0
+    model["n_token"] = 0  # must be set by the config file (the trainer checks it against the data)
     model["cutoffs"] = ()
     model["tie_projs"] = None
     model["d_embed"] = None

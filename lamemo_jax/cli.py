@@ -1,0 +1,48 @@
+"""Shared helpers of the thin entry points (train.py, eval.py): logging and clear errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+import jax
+
+
+def setup_logging():
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_devices():
+    logging.info("JAX %s: process %d of %d, %d local device(s) %s, backend %s", jax.__version__,
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 [d.device_kind for d in jax.local_devices()], jax.default_backend())
+
+
+def run_reporting_errors(fn: Callable):
+    """Runs fn; a known user error becomes one clear line on stderr and exit status 2."""
+    from lamemo_jax.checkpoint import CheckpointError
+    from lamemo_jax.config import ConfigError
+    from lamemo_jax.data.config import ChecksumError, DataConfigError, SourceNotFoundError
+    from lamemo_jax.data.stream import StreamError
+    from lamemo_jax.trainer import TrainingError
+    try:
+        return fn()
+    except (ConfigError, CheckpointError, TrainingError, DataConfigError, SourceNotFoundError,
+            ChecksumError, StreamError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def print_train_summary(summary: dict):
+    from lamemo_jax.metrics import headline
+    lines = [f"workdir:    {summary['workdir']}", f"step:       {summary['step']}",
+             f"checkpoint: {summary['checkpoint']}", f"metrics:    {summary['workdir']}/metrics.jsonl"]
+    if "valid_loss" in summary:
+        lines.insert(0, f"valid ({summary['dataset']}): loss {summary['valid_loss']:.4f}  "
+                        f"{headline(summary['valid_loss'], summary['unit'])}")
+    if summary.get("plot"):
+        lines.append(f"plot:       {summary['plot']}")
+    print("\n".join(lines), flush=True)

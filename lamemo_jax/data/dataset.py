@@ -1,0 +1,127 @@
+"""``load(cfg) -> Dataset``: builds a corpus once (tfds), then serves each split as a memory-mapped
+flat int32 array cached in ``<tfds data dir>/tokens-<split>.npy``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from lamemo_jax.data import builders
+from lamemo_jax.data.config import DataConfig
+from lamemo_jax.data.corpora import SPLITS
+from lamemo_jax.data.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+class Dataset:
+    """A tokenised corpus: ``name``, ``unit`` ("word": report ppl; "char"/"byte": report bpc),
+    ``vocab`` and ``split(name)`` -> flat ``np.int32`` array."""
+
+    splits: Tuple[str, ...] = SPLITS
+
+    def __init__(self, name: str, unit: str, vocab: Vocab, config: DataConfig,
+                 get_split: Callable[[str], np.ndarray], info: Mapping[str, Any],
+                 builder: Optional[builders.LmBuilder] = None):
+        self.name = name
+        self.unit = unit
+        self.vocab = vocab
+        self.config = config
+        self.info: Dict[str, Any] = dict(info)
+        self.builder = builder
+        self._get_split = get_split
+        self._cache: Dict[str, np.ndarray] = {}
+
+    @property
+    def metric(self) -> str:
+        """"ppl" for word corpora, "bpc" for character / byte corpora."""
+        return "ppl" if self.unit == "word" else "bpc"
+
+    def split(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        if split not in self._cache:
+            self._cache[split] = self._get_split(split)
+        return self._cache[split]
+
+    def num_tokens(self, split: str) -> int:
+        return int(len(self.split(split)))
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.name!r}, unit={self.unit!r}, n_token={self.vocab.n_token})"
+
+
+def load(cfg: Any) -> Dataset:
+    """The dataset of a data config (``DataConfig``, mapping, ``ConfigDict``, or a whole experiment
+    config with a ``data`` section). Prepares it on first use (see ``lamemo_jax.data`` for sources)."""
+    c = DataConfig.from_any(cfg)
+    if c.name == "random":
+        return _random_dataset(c)
+    b = builders.make_builder(c)
+    if not b.is_prepared():
+        log.info("preparing %s/%s in %s", c.name, b.builder_config.name, c.tfds_dir_)
+        b.download_and_prepare()
+    md = b.info.metadata
+    vocab = Vocab.from_json(md["vocab"])
+    counts = {s: int(n) for s, n in md["split_tokens"].items()}
+    info = {"builder_config": b.builder_config.name, "data_dir": str(b.data_dir), "split_tokens": counts,
+            "provenance": md.get("provenance", {})}
+    return Dataset(c.name, str(md["unit"]), vocab, c, lambda s: cached_split(b, s, counts[s]), info, b)
+
+
+def cached_split(builder: builders.LmBuilder, split: str, n_tokens: int) -> np.ndarray:
+    """The split as a read-only memory map of ``<data_dir>/tokens-<split>.npy``, written once from the
+    tfds data source (chunks put in ``index`` order)."""
+    path = Path(builder.data_dir) / f"tokens-{split}.npy"
+    if not path.exists():
+        src = builder.as_data_source(split=split)
+        meta = sorted((int(src[i]["index"]), i) for i in range(len(src)))
+        if [k for k, _ in meta] != list(range(len(src))):
+            raise ValueError(f"{builder.name}: chunk indices of split {split!r} are not 0..{len(src) - 1}; "
+                             f"delete {builder.data_dir} and prepare again")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n_tokens,))
+        pos = 0
+        for _, i in meta:
+            ids = np.asarray(src[i]["ids"], dtype=np.int32)
+            if pos + len(ids) > n_tokens:
+                raise ValueError(f"{builder.name}: split {split!r} holds more than the {n_tokens} tokens of its metadata")
+            out[pos: pos + len(ids)] = ids
+            pos += len(ids)
+        if pos != n_tokens:
+            raise ValueError(f"{builder.name}: split {split!r} holds {pos} tokens, its metadata says {n_tokens}")
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    arr = np.load(path, mmap_mode="r")
+    if arr.dtype != np.int32 or arr.shape != (n_tokens,):
+        raise ValueError(f"{path}: expected int32[{n_tokens}], found {arr.dtype}{list(arr.shape)}; delete it to rebuild")
+    return arr
+
+
+def _random_dataset(c: DataConfig) -> Dataset:
+    """Uniform tokens for throughput runs: split ``k`` is ``default_rng([seed, k])`` integers."""
+    lengths = {"train": c.random_length, "valid": c.random_eval_length_, "test": c.random_eval_length_}
+
+    def get(split: str) -> np.ndarray:
+        rng = np.random.default_rng([c.seed, SPLITS.index(split)])
+        return rng.integers(0, c.random_n_token, size=lengths[split], dtype=np.int32)
+
+    vocab = Vocab("word", tuple(str(i) for i in range(c.random_n_token)))
+    return Dataset("random", "word", vocab, c, get, {"split_tokens": lengths})
+
+
+def unigram_nll(train: np.ndarray, tokens: np.ndarray, n_token: int, alpha: float = 1.0) -> float:
+    """Mean NLL (nats) of ``tokens`` under the train unigram distribution with add-``alpha``
+    smoothing over the whole vocabulary: ``p(w) = (count_train(w) + alpha) / (len(train) + alpha * n_token)``.
+    ``exp`` of it is the unigram perplexity, ``/ ln 2`` the unigram bits per character: a
+    sanity ceiling any trained model must beat."""
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=n_token).astype(np.float64)
+    if len(counts) > n_token:
+        raise ValueError(f"train holds ids >= n_token={n_token}")
+    logp = np.log(counts + alpha) - np.log(len(train) + alpha * n_token)
+    return float(-logp[np.asarray(tokens, dtype=np.int64)].mean())

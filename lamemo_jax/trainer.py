@@ -1,0 +1,410 @@
+"""Training: the jitted train step, the loop with logging, evaluation, checkpoints and resume.
+
+``train_and_evaluate(config, workdir)`` is what ``train.py`` calls. Every step reads the batch
+``TrainStream.batch(step)`` (a pure function of the step and seed), so the data position is the
+step; the checkpoint holds params, optimizer state, step, RNG and the carried memory, and a
+restarted run continues bit-exactly. SIGTERM / SIGINT finish the current step, save, flush and
+exit 0. Non-finite losses or gradients skip the update (and clear the memory); too many in a row
+stop the run with the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lamemo_jax import data as data_lib
+from lamemo_jax.api import apply, init_params
+from lamemo_jax.checkpoint import Checkpointer, CheckpointError
+from lamemo_jax.config import ConfigError, ModelConfig
+from lamemo_jax.evaluate import evaluate_tokens
+from lamemo_jax.experiment import ExperimentConfig, TrainConfig
+from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset_rows
+from lamemo_jax.metrics import MetricWriter, headline, plot_loss_curves, read_metrics, unit_metrics
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (the message says why and what is intact)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: number of batches consumed (= the data position)
+    params: Any
+    opt_state: Any
+    memory: Memory
+    rng: jax.Array  # raw uint32 key data
+    nonfinite_streak: jax.Array  # int32: consecutive skipped steps
+
+
+# --------------------------------------------------------------------------- optimiser
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Cosine from learning_rate to min_learning_rate over num_steps (the original's
+    lr_t = lr (1 + cos(pi t / T)) / 2 when min is 0), after an optional linear warmup that
+    starts at lr / warmup_steps (not 0, which would make the first update zero)."""
+    lr, total = tc.learning_rate, tc.num_steps
+    if tc.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    else:
+        main = optax.cosine_decay_schedule(lr, max(total - tc.warmup_steps, 1),
+                                           alpha=tc.min_learning_rate / lr)
+    if not tc.warmup_steps:
+        return main
+    warm = optax.linear_schedule(lr / tc.warmup_steps, lr, tc.warmup_steps)
+    return optax.join_schedules([warm, main], [tc.warmup_steps])
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    sched = learning_rate_schedule(tc)
+    if tc.optimizer == "adam":
+        opt = optax.adam(sched, b1=tc.b1, b2=tc.b2, eps=tc.eps)
+    else:
+        opt = optax.adamw(sched, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(tc.clip), opt) if tc.clip > 0 else opt
+
+
+# --------------------------------------------------------------------------- memory <-> chunks
+def _memory_batch_axes(memory: Memory):
+    if isinstance(memory, XLMemory):
+        return XLMemory(hidden=1, length=0)
+    return LaMemoMemory(embed=0, attn=1, lse=1, length=0)
+
+
+def split_batch(tree, axes, k: int):
+    """[k, ...] stacked chunks of the batch dimension (contiguous rows per chunk)."""
+    def one(x, ax):
+        x = jnp.moveaxis(x, ax, 0)
+        x = x.reshape((k, x.shape[0] // k) + x.shape[1:])
+        return jnp.moveaxis(x, 1, ax + 1)
+    return jax.tree.map(one, tree, axes)
+
+
+def merge_batch(tree, axes):
+    def one(x, ax):
+        x = jnp.moveaxis(x, ax + 1, 1)
+        x = x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+        return jnp.moveaxis(x, 0, ax)
+    return jax.tree.map(one, tree, axes)
+
+
+# --------------------------------------------------------------------------- the step
+def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation):
+    """(state, inputs [B,N], targets [B,N], start_of_sequence [B]) -> (state, metrics).
+
+    With ``grad_accum_steps = k`` the global batch is processed as k sequential chunks of B/k
+    rows, each with its own rows of the memory (the original's ``batch_chunk``); the gradient is
+    their mean, identical to the full batch up to float round-off.
+    """
+    k = tc.grad_accum_steps
+    schedule = learning_rate_schedule(tc)
+
+    def loss_fn(params, memory, inputs, targets, rng):
+        out, new_memory = apply(cfg, params, inputs, memory, targets=targets, train=True, rng=rng)
+        loss = jnp.mean(out.nll.astype(jnp.float32) if out.nll.dtype == jnp.bfloat16 else out.nll)
+        objective = loss / 2.0 if tc.halve_loss else loss  # the original backprops (loss + 0) / 2
+        return objective, (loss, new_memory)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state: TrainState, inputs, targets, start_of_sequence):
+        rng = jax.random.fold_in(state.rng, state.step)
+        memory = reset_rows(state.memory, start_of_sequence)
+        if k == 1:
+            (_, (loss, new_memory)), grads = grad_fn(state.params, memory, inputs, targets, rng)
+        else:
+            axes = _memory_batch_axes(memory)
+            chunks = (split_batch(memory, axes, k), split_batch(inputs, 0, k), split_batch(targets, 0, k))
+
+            def body(acc, xs):
+                mem_c, inp_c, tgt_c, idx = xs
+                (_, (loss_c, mem_c)), g = grad_fn(state.params, mem_c, inp_c, tgt_c,
+                                                  jax.random.fold_in(rng, idx))
+                acc = jax.tree.map(lambda a, b: a + b / k, acc, (g, loss_c))
+                return acc, mem_c
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+            (grads, loss), mem_chunks = jax.lax.scan(body, zeros, chunks + (jnp.arange(k),))
+            new_memory = merge_batch(mem_chunks, axes)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        empty = jax.tree.map(jnp.zeros_like, new_memory)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            memory=keep(new_memory, empty),  # a non-finite step leaves no memory behind
+            rng=state.rng,
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                   "finite": finite}
+        return new_state, metrics
+
+    return step_fn
+
+
+def init_train_state(cfg: ModelConfig, tc: TrainConfig, optimizer, batch_size: int) -> TrainState:
+    key = jax.random.PRNGKey(tc.seed)
+    init_key, train_key = jax.random.split(key)
+    params = init_params(cfg, init_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      memory=init_memory(cfg, batch_size), rng=train_key,
+                      nonfinite_streak=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------- run helpers
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Refuses a second trainer on the same workdir (an exclusive flock on <workdir>/.lock)."""
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise TrainingError(f"workdir {workdir} is in use by another trainer (lock {path}); "
+                                "stop it or choose another --workdir") from None
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def prepare_workdir(workdir: str) -> str:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"workdir {workdir} is not writable: {e.strerror}") from None
+    return workdir
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits 0."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def resolve_model(exp: ExperimentConfig, ds) -> ModelConfig:
+    """Fills model.n_token from the data (when 0) and checks it otherwise."""
+    n = ds.vocab.n_token
+    if exp.model.n_token == 0:
+        return exp.model.replace(n_token=n)
+    if exp.model.n_token != n:
+        raise ConfigError(f"model.n_token={exp.model.n_token} but the {ds.name} vocabulary has {n} "
+                          f"tokens; set --config.model.n_token={n} (or 0 to take it from the data)")
+    return exp.model
+
+
+def _compatible(saved: dict, cfg: ModelConfig) -> None:
+    now = cfg.to_dict()
+    shape_fields = ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner", "d_embed",
+                    "div_val", "cutoffs", "tie_weight", "tie_projs", "memory", "lookahead", "mem_len",
+                    "param_dtype")
+    diff = [f"{f}: checkpoint {saved.get(f)!r} vs config {now[f]!r}" for f in shape_fields
+            if f in saved and _norm(saved.get(f)) != _norm(now[f])]
+    if diff:
+        raise CheckpointError("the checkpoint in the workdir was written by an incompatible model "
+                              "config (parameter/memory shapes differ):\n  " + "\n  ".join(diff))
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- the loop
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains (resuming from the workdir's latest checkpoint), evaluates, returns a summary."""
+    exp = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_config_dict(config)
+    tc = exp.train
+    workdir = prepare_workdir(workdir)
+    with workdir_lock(workdir):
+        return _train(exp, tc, workdir)
+
+
+def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
+    ds = data_lib.load(exp.data)
+    cfg = resolve_model(exp, ds)
+    if tc.batch_size % tc.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by "
+                          f"train.grad_accum_steps={tc.grad_accum_steps}")
+    train_tokens = ds.split("train")
+    valid_tokens = ds.split("valid")
+    stream = data_lib.TrainStream(train_tokens, batch_size=tc.batch_size, tgt_len=cfg.tgt_len,
+                                  seed=tc.seed, roll_each_epoch=tc.roll_each_epoch)
+    optimizer = make_optimizer(tc)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    run_info = {"model": cfg.to_dict(), "data": dict(exp.data), "train": dataclasses.asdict(tc),
+                "eval": dataclasses.asdict(exp.eval), "mesh": dataclasses.asdict(exp.mesh),
+                "unit": ds.unit, "dataset": ds.name}
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(run_info, f, indent=2, default=str)
+
+    state = init_train_state(cfg, tc, optimizer, tc.batch_size)
+    meta = ckpt.latest_meta()
+    if meta is not None:
+        _compatible(meta.get("model", {}), cfg)
+        restored = ckpt.restore_latest(_abstract(state))
+        if restored is not None:
+            state, _, step = restored
+            logging.info("resumed from %s (step %d)", ckpt.step_dir(step), step)
+    start = int(state.step)
+    step_fn = jax.jit(make_train_step(cfg, tc, optimizer), donate_argnums=(0,))
+    eval_cfg = exp.eval_model().replace(n_token=cfg.n_token)
+    periodic_eval_cfg = eval_cfg
+    tokens_per_step = tc.batch_size * cfg.tgt_len
+    logging.info("training %s (%s) on %s: %d params, %d steps of %d tokens, starting at step %d",
+                 cfg.memory, cfg.lookahead if cfg.memory == "lamemo" else "-", ds.name,
+                 sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)), tc.num_steps,
+                 tokens_per_step, start)
+
+    def save(step: int):
+        meta = {"step": step, "model": cfg.to_dict(), "dataset": ds.name, "unit": ds.unit,
+                "n_token": cfg.n_token, "time": time.time()}
+        path = ckpt.save(step, state, meta)
+        writer.flush()
+        return path
+
+    def validate(step: int, full: bool = False):
+        res = evaluate_tokens(periodic_eval_cfg, state.params, valid_tokens, batch_size=exp.eval.batch_size,
+                              max_tokens=0 if full else tc.eval_tokens)
+        rec = {"step": step, "split": "valid", "loss": res.loss, **unit_metrics(res.loss, ds.unit),
+               "n_targets": res.n_targets, "eval_seconds": round(res.seconds, 2)}
+        writer.write(rec)
+        logging.info("step %d valid: loss %.4f %s", step, res.loss, headline(res.loss, ds.unit))
+        return res
+
+    bar = _progress(tc.num_steps, start, tc.progress_bar)
+    stop_reason = None
+    last_saved = start if ckpt.all_steps() else None
+    window = []
+    t_last = time.time()
+    with _StopFlag() as stop:
+        step = start
+        while step < tc.num_steps:
+            batch = stream.batch(step)
+            state, m = step_fn(state, jnp.asarray(batch.inputs), jnp.asarray(batch.targets),
+                               jnp.asarray(batch.start_of_sequence))
+            step += 1
+            window.append(m)
+            if not bool(m["finite"]):
+                logging.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); update "
+                                "skipped, memory cleared", step, float(m["loss"]), float(m["grad_norm"]))
+                writer.write({"step": step, "split": "train", "nonfinite": True,
+                              "nonfinite_streak": int(state.nonfinite_streak)})
+                if int(state.nonfinite_streak) >= tc.max_consecutive_nonfinite:
+                    stop_reason = "nonfinite"
+                    break
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                jax.block_until_ready(state.params)
+                dt = time.time() - t_last
+                t_last = time.time()
+                finite = [x for x in window if bool(x["finite"])]
+                loss = float(np.mean([float(x["loss"]) for x in finite])) if finite else float("nan")
+                rec = {"step": step, "split": "train", "loss": loss, **unit_metrics(loss, ds.unit),
+                       "learning_rate": float(window[-1]["learning_rate"]),
+                       "grad_norm": float(np.mean([float(x["grad_norm"]) for x in finite])) if finite else float("nan"),
+                       "step_time_s": dt / len(window), "tokens_per_sec": tokens_per_step * len(window) / dt,
+                       "epoch": batch.epoch}
+                writer.write(rec)
+                logging.info("step %d: loss %.4f %s lr %.3g |g| %.3f %.0f tok/s", step, loss,
+                             headline(loss, ds.unit), rec["learning_rate"], rec["grad_norm"],
+                             rec["tokens_per_sec"])
+                window = []
+            if bar is not None:
+                bar.update(1)
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.num_steps:
+                validate(step)
+            if step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                save(step)
+                last_saved = step
+            if stop.signal:
+                stop_reason = stop.signal
+                break
+    if bar is not None:
+        bar.close()
+
+    if stop_reason == "nonfinite":
+        writer.close()
+        where = ckpt.step_dir(last_saved) if last_saved is not None else "none (no checkpoint yet)"
+        raise TrainingError(f"stopped at step {step}: {tc.max_consecutive_nonfinite} consecutive steps "
+                            f"with a non-finite loss or gradient. Last good checkpoint: {where}. "
+                            "Lower the learning rate or check the data.")
+    path = save(step) if last_saved != step else ckpt.step_dir(step)
+    summary = {"workdir": workdir, "step": step, "checkpoint": path, "dataset": ds.name, "unit": ds.unit}
+    if stop_reason:
+        writer.close()
+        msg = (f"received {stop_reason}: saved checkpoint {path} at step {step}; run the same "
+               "command again to resume")
+        logging.warning(msg)
+        print(msg, flush=True)
+        summary["interrupted"] = stop_reason
+        return summary
+    res = validate(step, full=True)
+    summary.update({"valid_loss": res.loss, **{f"valid_{k}": v for k, v in unit_metrics(res.loss, ds.unit).items()}})
+    records = read_metrics(writer.path)
+    if jax.process_index() == 0 and records:
+        summary["plot"] = plot_loss_curves({cfg.memory: records}, os.path.join(workdir, "loss.png"),
+                                           title=f"{cfg.memory} on {ds.name}")
+    writer.close()
+    ckpt.close()
+    return summary
