@@ -94,6 +94,18 @@ class Checkpointer:
             write_manifest(self.step_dir(step))
         return self.step_dir(step)
 
+    def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
+        """(state, meta) of one named step; a clear error if it is missing or corrupted."""
+        if step not in self.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
+                                  f"(available: {self.all_steps()})")
+        why = verify_manifest(self.step_dir(step))
+        if why is not None:
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} is unusable: {why}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
+
     def restore_latest(self, abstract_state: Any) -> Optional[Tuple[Any, dict, int]]:
         """(state, meta, step) of the newest good checkpoint; None when there is none at all.
 

@@ -108,8 +108,6 @@ def memory_sweep(cfg: ModelConfig, params, tokens: np.ndarray, mem_lens: Sequenc
 # --------------------------------------------------------------------------- generation
 def _top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
     """Keeps the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
-    if top_p >= 1.0:
-        return logits
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)

@@ -141,7 +141,7 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.Gradient
             zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
             (grads, loss), mem_chunks = jax.lax.scan(body, zeros, chunks + (jnp.arange(k),))
             new_memory = merge_batch(mem_chunks, axes)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -408,3 +408,30 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     writer.close()
     ckpt.close()
     return summary
+
+
+# --------------------------------------------------------------------------- loading a run
+def load_run(workdir: str, step: Optional[int] = None):
+    """(ExperimentConfig, ModelConfig, params, step) of a training workdir's checkpoint
+    (the latest good one, or ``step``)."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{workdir} is not a training workdir (no config.json)")
+    info = json.load(open(path))
+    exp = ExperimentConfig.from_config_dict({k: info[k] for k in ("model", "data", "train", "eval", "mesh")})
+    cfg = exp.model
+    optimizer = make_optimizer(exp.train)
+    abstract = jax.eval_shape(lambda: init_train_state(cfg, exp.train, optimizer, exp.train.batch_size))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints)
+    try:
+        if step is None:
+            restored = ckpt.restore_latest(abstract)
+            if restored is None:
+                raise CheckpointError(f"no checkpoint in {ckpt.directory}")
+            state, _, step = restored
+        else:
+            state, _ = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    return exp, cfg, state.params, int(step)

@@ -1,0 +1,97 @@
+"""The logic behind ``eval.py`` (importable and testable): evaluate, sweep, or generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from lamemo_jax import data as data_lib
+from lamemo_jax.config import ConfigError
+from lamemo_jax.evaluate import evaluate_tokens, generate, memory_sweep
+from lamemo_jax.experiment import ExperimentConfig
+from lamemo_jax.metrics import headline, plot_xy, unit_metrics
+
+
+def _load_model(workdir, step, config, torch_checkpoint, torch_config):
+    """(ExperimentConfig, ModelConfig, params, source description)."""
+    if torch_checkpoint:
+        from lamemo_jax import convert
+        if config is None:
+            raise ConfigError("--torch_checkpoint needs --config (for the data and eval sections)")
+        exp = ExperimentConfig.from_config_dict(config)
+        tc = json.load(open(torch_config)) if torch_config else None
+        cfg, params = convert.from_torch_checkpoint(torch_checkpoint, tc)
+        return exp, cfg, params, f"torch:{torch_checkpoint}"
+    if not workdir:
+        raise ConfigError("give --workdir (a training run) or --torch_checkpoint")
+    from lamemo_jax.trainer import load_run
+    exp, cfg, params, step = load_run(workdir, step)
+    return exp, cfg, params, f"{os.path.abspath(workdir)}/checkpoints/{step}"
+
+
+def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=None,
+        torch_checkpoint: Optional[str] = None, torch_config: Optional[str] = None,
+        split: Optional[str] = None, tgt_len: Optional[int] = None, mem_len: Optional[int] = None,
+        clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
+        batch_size: Optional[int] = None, max_tokens: int = 0,
+        mem_lens: Optional[Sequence[str]] = None, output: Optional[str] = None,
+        prompt: Optional[str] = None, max_new_tokens: int = 100, temperature: float = 1.0,
+        top_p: float = 0.9, seed: int = 0) -> dict:
+    exp, cfg, params, source = _load_model(workdir, step, config, torch_checkpoint, torch_config)
+    ds = data_lib.load(exp.data)
+    if ds.vocab.n_token != cfg.n_token:
+        raise ConfigError(f"the model has n_token={cfg.n_token} but the {ds.name} vocabulary has "
+                          f"{ds.vocab.n_token}")
+    out_dir = workdir or os.getcwd()
+    e = exp.eval
+    ecfg = cfg.replace(
+        tgt_len=tgt_len or e.tgt_len or cfg.tgt_len,
+        mem_len=mem_len if mem_len is not None else (cfg.mem_len if e.mem_len < 0 else e.mem_len),
+        clamp_len=clamp_len if clamp_len is not None else e.clamp_len,
+        same_length=same_length if same_length is not None else e.same_length,
+        dropout=0.0, dropatt=0.0)
+
+    if prompt is not None:
+        ids = ds.vocab.encode(prompt)
+        print(prompt, end="", flush=True)
+        sep = " " if ds.unit == "word" else ""
+        new = generate(ecfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, seed=seed,
+                       on_token=lambda t: print(sep + ds.vocab.decode([t]), end="", flush=True))
+        print(flush=True)
+        return {"prompt": prompt, "continuation": ds.vocab.decode(list(new)), "ids": [int(t) for t in new],
+                "seed": seed, "temperature": temperature, "top_p": top_p, "source": source}
+
+    split = split or e.split
+    tokens = ds.split(split)
+    bs = batch_size or e.batch_size
+    if mem_lens:
+        lens = [int(m) for m in mem_lens]
+        results = memory_sweep(ecfg, params, tokens, lens, batch_size=bs, max_tokens=max_tokens)
+        rows = [{"mem_len": m, **r.to_dict(ds.unit)} for m, r in results]
+        res = {"source": source, "split": split, "dataset": ds.name, "unit": ds.unit,
+               "trained_mem_len": cfg.mem_len, "sweep": rows}
+        base = output[:-5] if output and output.endswith(".json") else os.path.join(out_dir, f"eval_{split}_memsweep")
+        with open(base + ".json", "w") as f:
+            json.dump(res, f, indent=2)
+        metric = "ppl" if ds.unit == "word" else "bpc"
+        res["plot"] = plot_xy({cfg.memory: ([r["mem_len"] for r in rows], [r[metric] for r in rows])},
+                              base + ".png", "evaluation mem_len", f"{split} {metric}",
+                              title=f"memory-length sweep (trained with mem_len {cfg.mem_len})", logx=True)
+        res["json"] = base + ".json"
+        for r in rows:
+            print(f"mem_len {r['mem_len']:6d}: loss {r['loss']:.4f} {headline(r['loss'], ds.unit)}",
+                  file=sys.stderr)
+        return res
+
+    r = evaluate_tokens(ecfg, params, tokens, batch_size=bs, max_tokens=max_tokens)
+    res = {"source": source, "split": split, "dataset": ds.name, **r.to_dict(ds.unit)}
+    path = output or os.path.join(out_dir, f"eval_{split}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    res["json"] = path
+    print(f"{split}: loss {r.loss:.4f} {headline(r.loss, ds.unit)} over {r.n_targets} targets",
+          file=sys.stderr)
+    return res

@@ -1,0 +1,136 @@
+"""End to end: training lowers the loss, resume is exact, eval equals score, sweep, generation."""
+
+import importlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import lamemo_jax
+from lamemo_jax import ModelConfig
+from lamemo_jax import data as data_lib
+from lamemo_jax.evaluate import evaluate_tokens, generate
+from lamemo_jax.evaluate_cli import run as eval_run
+from lamemo_jax.metrics import read_metrics
+from lamemo_jax.trainer import TrainingError, load_run, train_and_evaluate, workdir_lock
+
+
+def tiny_config(**train):
+    c = importlib.import_module("configs.tiny").get_config()
+    c.train.update(train)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tiny"))
+    summary = train_and_evaluate(tiny_config(log_every=1), workdir)
+    return workdir, summary
+
+
+def test_training_lowers_the_loss_and_writes_everything(tiny_run):
+    workdir, summary = tiny_run
+    recs = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
+    assert len(recs) == 30
+    for key in ("step", "loss", "bpc", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s"):
+        assert key in recs[0], key
+    first, last = np.mean([r["loss"] for r in recs[:5]]), np.mean([r["loss"] for r in recs[-5:]])
+    assert last < first - 0.2, (first, last)
+    valid = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "valid"]
+    assert valid and "bpc" in valid[-1]
+    assert os.path.exists(summary["plot"]) and os.path.getsize(summary["plot"]) > 1000
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert summary["step"] == 30 and os.path.isdir(summary["checkpoint"])
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full = str(tmp_path / "full")
+    part = str(tmp_path / "part")
+    train_and_evaluate(tiny_config(num_steps=12, log_every=1, checkpoint_every=100), full)
+    train_and_evaluate(tiny_config(num_steps=6, log_every=1, checkpoint_every=100), part)  # "interrupted"
+    train_and_evaluate(tiny_config(num_steps=12, log_every=1, checkpoint_every=100), part)  # resumed
+    loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))
+                      if r["split"] == "train"}
+    a, b = loss(full), loss(part)
+    assert sorted(b) == list(range(1, 13))
+    assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]
+    _, _, pa, _ = load_run(full)
+    _, _, pb, _ = load_run(part)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_second_trainer_on_same_workdir_refuses(tmp_path):
+    with workdir_lock(str(tmp_path)):
+        with pytest.raises(TrainingError, match="in use by another trainer"):
+            train_and_evaluate(tiny_config(), str(tmp_path))
+
+
+def test_eval_protocol_equals_score():
+    cfg = ModelConfig(n_token=40, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32, tgt_len=5,
+                      mem_len=7, memory="lamemo", dtype="float64", param_dtype="float64")
+    params = lamemo_jax.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    bs, s = 4, 6
+    flat = rng.integers(0, 40, bs * (s * 5 + 1)).astype(np.int32)
+    res = evaluate_tokens(cfg, params, flat, batch_size=bs, chunk_segments=4)
+    nll, _ = lamemo_jax.score(cfg, params, flat.reshape(bs, -1))
+    assert res.n_targets == nll.size
+    assert abs(res.loss - nll.mean()) <= 1e-12
+    # a split whose last segment is shorter: the first S segments equal score, plus a 3-token tail
+    flat2 = rng.integers(0, 40, bs * (s * 5 + 4)).astype(np.int32)
+    res2 = evaluate_tokens(cfg, params, flat2, batch_size=bs)
+    streams = flat2.reshape(bs, -1)
+    nll_a, mem = lamemo_jax.score(cfg, params, streams[:, :s * 5 + 1])
+    out, _ = lamemo_jax.apply(cfg, params, streams[:, s * 5:-1], mem, targets=streams[:, s * 5 + 1:])
+    want = (nll_a.sum() + float(np.asarray(out.nll).sum())) / (bs * (s * 5 + 3))
+    assert res2.n_targets == bs * (s * 5 + 3) and res2.protocol["last_segment_len"] == 3
+    assert abs(res2.loss - want) <= 1e-12
+
+
+def test_eval_cli_number_equals_score_and_sweep(tiny_run):
+    workdir, _ = tiny_run
+    exp, cfg, params, step = load_run(workdir)
+    ds = data_lib.load(exp.data)
+    bs, n = exp.eval.batch_size, cfg.tgt_len
+    max_tokens = bs * (20 * n + 1)
+    res = eval_run(workdir=workdir, split="valid", max_tokens=max_tokens, clamp_len=-1)
+    streams = ds.split("valid")[:max_tokens].reshape(bs, -1)
+    nll, _ = lamemo_jax.score(cfg, params, streams)
+    assert abs(res["loss"] - float(nll.mean())) <= 1e-5
+    assert json.load(open(res["json"]))["protocol"]["n_segments"] == 20
+    sweep = eval_run(workdir=workdir, split="valid", max_tokens=max_tokens, mem_lens=["8", "16", "32"])
+    assert [r["mem_len"] for r in sweep["sweep"]] == [8, 16, 32]
+    assert os.path.getsize(sweep["plot"]) > 1000 and os.path.exists(sweep["json"])
+    assert abs(sweep["sweep"][1]["loss"] - res["loss"]) <= 1e-5  # mem_len 16 is the trained one
+
+
+def test_generation_is_deterministic_and_follows_the_prompt(tiny_run):
+    workdir, _ = tiny_run
+    _, cfg, params, _ = load_run(workdir)
+    prompt = np.arange(1, 20, dtype=np.int32) % cfg.n_token
+    a = generate(cfg, params, prompt, max_new_tokens=12, seed=3)
+    b = generate(cfg, params, prompt, max_new_tokens=12, seed=3)
+    c = generate(cfg, params, prompt, max_new_tokens=12, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and a.min() >= 0 and a.max() < cfg.n_token
+    out = eval_run(workdir=workdir, prompt="the history of ", max_new_tokens=8, seed=1)
+    assert len(out["ids"]) == 8
+
+
+def test_greedy_generation_equals_one_pass_argmax():
+    """XL with mem_len >= the whole text: streaming segment by segment and one token at a time
+    gives the argmax continuation of a single forward pass over prompt + continuation."""
+    cfg = ModelConfig(n_token=30, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32, tgt_len=4,
+                      mem_len=64, memory="xl", dtype="float64", param_dtype="float64")
+    params = lamemo_jax.init_params(cfg, jax.random.key(1))
+    params = jax.tree.map(lambda x: x * 20.0, params)  # sharpen so that argmax is well separated
+    prompt = np.array([3, 1, 4, 1, 5, 9, 2], np.int32)
+    new = generate(cfg, params, prompt, max_new_tokens=6, top_p=1e-9)
+    seq = np.concatenate([prompt, new])
+    mem = lamemo_jax.init_memory(cfg.replace(mem_len=0), 1)
+    out, _ = lamemo_jax.apply(cfg.replace(mem_len=0), params, seq[None, :-1], mem)
+    greedy = np.asarray(out.log_probs[0]).argmax(-1)[len(prompt) - 1:]
+    np.testing.assert_array_equal(new, greedy)
