@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any, Optional, Tuple
 
 import jax
@@ -77,7 +78,8 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def step_dir(self, step: int) -> str:
@@ -125,12 +127,26 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                     if problems:
                         logging.warning("using checkpoint %s instead", where)
+                        self._quarantine([s for s in steps if s > step])
                     return restored["state"], dict(restored["meta"]), step
                 except Exception as e:  # noqa: BLE001 - any failure makes this checkpoint unusable
                     why = f"restore failed: {type(e).__name__}: {str(e)[:300]}"
             logging.warning("checkpoint %s is unusable: %s", where, why)
             problems.append(f"{where}: {why}")
         raise CheckpointError("no usable checkpoint in " + self.directory + ":\n  " + "\n  ".join(problems))
+
+    def _quarantine(self, bad_steps) -> None:
+        """Moves unusable checkpoints out of the step namespace (kept for inspection in
+        ``<directory>_corrupt/``) so that they never block or shadow a new save."""
+        if jax.process_index() != 0 or not bad_steps:
+            return
+        dest_root = self.directory.rstrip("/") + "_corrupt"
+        os.makedirs(dest_root, exist_ok=True)
+        for step in bad_steps:
+            dest = os.path.join(dest_root, f"{step}-{int(time.time() * 1000)}")
+            os.replace(self.step_dir(step), dest)
+            logging.warning("moved unusable checkpoint %s to %s", self.step_dir(step), dest)
+        self.manager.reload()
 
     def latest_meta(self) -> Optional[dict]:
         """The JSON metadata of the newest checkpoint (None when there is none or it is unreadable)."""

@@ -34,6 +34,11 @@ def run_reporting_errors(fn: Callable):
             ChecksumError, StreamError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except ValueError as e:  # e.g. bad token ids: the traceback, then the message on its own line
+        import traceback
+        traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def print_train_summary(summary: dict):
@@ -43,6 +48,9 @@ def print_train_summary(summary: dict):
     if "valid_loss" in summary:
         lines.insert(0, f"valid ({summary['dataset']}): loss {summary['valid_loss']:.4f}  "
                         f"{headline(summary['valid_loss'], summary['unit'])}")
+    if "eval_loss" in summary:
+        lines.insert(1, f"{summary['eval_split']} ({summary['dataset']}): loss {summary['eval_loss']:.4f}  "
+                        f"{headline(summary['eval_loss'], summary['unit'])}")
     if summary.get("plot"):
         lines.append(f"plot:       {summary['plot']}")
     print("\n".join(lines), flush=True)

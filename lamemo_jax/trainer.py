@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from lamemo_jax import data as data_lib
+from lamemo_jax import sharding as shard_lib
 from lamemo_jax.api import apply, init_params
 from lamemo_jax.checkpoint import Checkpointer, CheckpointError
 from lamemo_jax.config import ConfigError, ModelConfig
@@ -120,7 +121,7 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.Gradient
         objective = loss / 2.0 if tc.halve_loss else loss  # the original backprops (loss + 0) / 2
         return objective, (loss, new_memory)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(shard_lib.remat(loss_fn, tc.remat), has_aux=True)
 
     def step_fn(state: TrainState, inputs, targets, start_of_sequence):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -170,6 +171,14 @@ def init_train_state(cfg: ModelConfig, tc: TrainConfig, optimizer, batch_size: i
                       nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
+def init_sharded_train_state(cfg: ModelConfig, tc: TrainConfig, optimizer, batch_size: int, mesh):
+    """(state, shardings): the initial TrainState created by one jitted call directly in its
+    shardings on ``mesh`` (lamemo_jax.sharding rules; works across processes)."""
+    init = lambda: init_train_state(cfg, tc, optimizer, batch_size)
+    shardings = shard_lib.state_shardings(jax.eval_shape(init), mesh)
+    return jax.jit(init, out_shardings=shardings)(), shardings
+
+
 # --------------------------------------------------------------------------- run helpers
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
@@ -197,7 +206,7 @@ def prepare_workdir(workdir: str) -> str:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -276,8 +285,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     exp = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_config_dict(config)
     tc = exp.train
     workdir = prepare_workdir(workdir)
-    with workdir_lock(workdir):
-        return _train(exp, tc, workdir)
+    with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(exp, tc, workdir)  # (multi-host: process 0 holds the lock for the run)
 
 
 def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
@@ -288,18 +297,29 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                           f"train.grad_accum_steps={tc.grad_accum_steps}")
     train_tokens = ds.split("train")
     valid_tokens = ds.split("valid")
+    for split, toks in (("train", train_tokens), ("valid", valid_tokens)):
+        if toks.size and (int(toks.max()) >= cfg.n_token or int(toks.min()) < 0):
+            bad = int(toks.max()) if int(toks.max()) >= cfg.n_token else int(toks.min())
+            raise ConfigError(f"the {ds.name} {split} split holds token id {bad} outside the model "
+                              f"vocabulary [0, {cfg.n_token}) (model.n_token)")
+    mesh = shard_lib.make_mesh(exp.mesh)
+    batch_sh = shard_lib.batch_sharding(mesh, (tc.batch_size, cfg.tgt_len))
+    sos_sh = shard_lib.batch_sharding(mesh, (tc.batch_size,))
+    rows = shard_lib.process_row_block(sos_sh, tc.batch_size)  # this process's rows of the batch
     stream = data_lib.TrainStream(train_tokens, batch_size=tc.batch_size, tgt_len=cfg.tgt_len,
-                                  seed=tc.seed, roll_each_epoch=tc.roll_each_epoch)
+                                  seed=tc.seed, roll_each_epoch=tc.roll_each_epoch,
+                                  process_index=rows[0] if rows else 0, process_count=rows[1] if rows else 1)
     optimizer = make_optimizer(tc)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     run_info = {"model": cfg.to_dict(), "data": dict(exp.data), "train": dataclasses.asdict(tc),
                 "eval": dataclasses.asdict(exp.eval), "mesh": dataclasses.asdict(exp.mesh),
                 "unit": ds.unit, "dataset": ds.name}
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(run_info, f, indent=2, default=str)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(run_info, f, indent=2, default=str)
 
-    state = init_train_state(cfg, tc, optimizer, tc.batch_size)
+    state, state_sh = init_sharded_train_state(cfg, tc, optimizer, tc.batch_size, mesh)
     meta = ckpt.latest_meta()
     if meta is not None:
         _compatible(meta.get("model", {}), cfg)
@@ -308,7 +328,12 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             state, _, step = restored
             logging.info("resumed from %s (step %d)", ckpt.step_dir(step), step)
     start = int(state.step)
-    step_fn = jax.jit(make_train_step(cfg, tc, optimizer), donate_argnums=(0,))
+    step_fn = jax.jit(make_train_step(cfg, tc, optimizer), donate_argnums=(0,),  # state + memory
+                      in_shardings=(state_sh, batch_sh, batch_sh, sos_sh),
+                      out_shardings=(state_sh, shard_lib.replicated(mesh)))
+    place = lambda x, sh: shard_lib.global_array(x, sh, (tc.batch_size,) + x.shape[1:], rows)
+    logging.info("mesh %s; process %d of %d reads batch rows block %s", shard_lib.describe(mesh),
+                 jax.process_index(), jax.process_count(), rows)
     eval_cfg = exp.eval_model().replace(n_token=cfg.n_token)
     periodic_eval_cfg = eval_cfg
     tokens_per_step = tc.batch_size * cfg.tgt_len
@@ -320,12 +345,21 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     def save(step: int):
         meta = {"step": step, "model": cfg.to_dict(), "dataset": ds.name, "unit": ds.unit,
                 "n_token": cfg.n_token, "time": time.time()}
-        path = ckpt.save(step, state, meta)
+        try:
+            path = ckpt.save(step, state, meta)
+        except OSError as e:
+            prev = ckpt.all_steps()
+            raise TrainingError(
+                f"writing the checkpoint of step {step} failed: {e.strerror or e} (disk full?). "
+                f"The previous checkpoint is intact: "
+                f"{ckpt.step_dir(prev[-1]) if prev else 'none'}") from e
+        shard_lib.sync(f"lamemo_checkpoint_{step}")  # every process waits for process 0's manifest
         writer.flush()
         return path
 
     def validate(step: int, full: bool = False):
-        res = evaluate_tokens(periodic_eval_cfg, state.params, valid_tokens, batch_size=exp.eval.batch_size,
+        res = evaluate_tokens(periodic_eval_cfg, shard_lib.host_local(state.params), valid_tokens,
+                              batch_size=exp.eval.batch_size,
                               max_tokens=0 if full else tc.eval_tokens)
         rec = {"step": step, "split": "valid", "loss": res.loss, **unit_metrics(res.loss, ds.unit),
                "n_targets": res.n_targets, "eval_seconds": round(res.seconds, 2)}
@@ -342,8 +376,8 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         step = start
         while step < tc.num_steps:
             batch = stream.batch(step)
-            state, m = step_fn(state, jnp.asarray(batch.inputs), jnp.asarray(batch.targets),
-                               jnp.asarray(batch.start_of_sequence))
+            state, m = step_fn(state, place(batch.inputs, batch_sh), place(batch.targets, batch_sh),
+                               place(batch.start_of_sequence, sos_sh))
             step += 1
             window.append(m)
             if not bool(m["finite"]):
@@ -374,7 +408,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                 bar.update(1)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.num_steps:
                 validate(step)
-            if step % tc.checkpoint_every == 0 and step < tc.num_steps:
+            if step % tc.checkpoint_every == 0 and step < tc.num_steps and int(state.nonfinite_streak) == 0:
                 save(step)
                 last_saved = step
             if stop.signal:
@@ -401,6 +435,14 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         return summary
     res = validate(step, full=True)
     summary.update({"valid_loss": res.loss, **{f"valid_{k}": v for k, v in unit_metrics(res.loss, ds.unit).items()}})
+    if exp.eval.split != "valid":
+        split = exp.eval.split
+        r = evaluate_tokens(eval_cfg, shard_lib.host_local(state.params), ds.split(split),
+                            batch_size=exp.eval.batch_size)
+        writer.write({"step": step, "split": split, "loss": r.loss, **unit_metrics(r.loss, ds.unit),
+                      "n_targets": r.n_targets, "eval_seconds": round(r.seconds, 2)})
+        logging.info("step %d %s: loss %.4f %s", step, split, r.loss, headline(r.loss, ds.unit))
+        summary.update({"eval_split": split, "eval_loss": r.loss})
     records = read_metrics(writer.path)
     if jax.process_index() == 0 and records:
         summary["plot"] = plot_loss_curves({cfg.memory: records}, os.path.join(workdir, "loss.png"),

@@ -1,0 +1,205 @@
+"""Reliability: signals, hard kills, corrupted checkpoints, NaN guard, clear errors, determinism."""
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lamemo_jax.checkpoint import MANIFEST, Checkpointer, CheckpointError
+from lamemo_jax.config import ConfigError
+from lamemo_jax.experiment import ExperimentConfig
+from lamemo_jax.metrics import read_metrics
+from lamemo_jax.trainer import (TrainingError, init_train_state, make_optimizer, make_train_step,
+                                train_and_evaluate)
+from tests.conftest import ROOT
+
+
+def tiny(**train):
+    c = importlib.import_module("configs.tiny").get_config()
+    c.train.update(train)
+    return c
+
+
+def train_cmd(workdir, *overrides):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
+            f"--workdir={workdir}", *overrides]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _wait_for_steps(workdir, n, proc, timeout=240):
+    t0 = time.time()
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        steps = [r["step"] for r in read_metrics(path) if r.get("split") == "train" and "loss" in r] \
+            if os.path.exists(path) else []
+        if len(steps) >= n:
+            return steps
+        time.sleep(0.2)
+    raise AssertionError("trainer made no progress")
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    wd = str(tmp_path / "run")
+    args = ["--config.train.num_steps=100000", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=100000", "--config.train.eval_tokens=500"]
+    p = subprocess.Popen(train_cmd(wd, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(wd, 3, p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    assert "received SIGTERM: saved checkpoint" in out
+    steps = Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
+    assert len(steps) == 1 and steps[0] >= 3
+    # restarting the same command resumes from there (num_steps reached right after one more step)
+    r = subprocess.run(train_cmd(wd, f"--config.train.num_steps={steps[0] + 2}", "--config.train.log_every=1",
+                                 "--config.train.eval_tokens=500"),
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"starting at step {steps[0]}" in r.stderr
+    assert f"step:       {steps[0] + 2}" in r.stdout
+
+
+def test_sigkill_at_any_moment_resumes_from_last_complete_checkpoint(tmp_path):
+    wd = str(tmp_path / "run")
+    args = ["--config.train.num_steps=100000", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2"]
+    p = subprocess.Popen(train_cmd(wd, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(wd, 4, p)
+    time.sleep(0.37)  # checkpoints every step: a kill now very likely hits a write
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    ck = Checkpointer(os.path.join(wd, "checkpoints"))
+    good = [s for s in ck.all_steps() if os.path.exists(os.path.join(ck.step_dir(s), MANIFEST))]
+    assert good
+    # simulate the worst case too: the newest step directory is a partial write (no manifest)
+    partial = ck.step_dir(max(ck.all_steps()) + 1)
+    shutil.copytree(ck.step_dir(good[-1]), partial)
+    os.remove(os.path.join(partial, MANIFEST))
+    ck.close()
+    r = subprocess.run(train_cmd(wd, f"--config.train.num_steps={good[-1] + 3}", "--config.train.log_every=1",
+                                 "--config.train.checkpoint_every=1", "--config.train.eval_tokens=500"),
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is unusable" in r.stderr and f"starting at step {good[-1]}" in r.stderr
+
+
+def _state_and_ckpt(tmp_path):
+    exp = ExperimentConfig.from_config_dict(tiny())
+    opt = make_optimizer(exp.train)
+    state = init_train_state(exp.model, exp.train, opt, 2)
+    ck = Checkpointer(str(tmp_path / "ck"), keep=5)
+    return exp, state, ck
+
+
+def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    exp, state, ck = _state_and_ckpt(tmp_path)
+    ck.save(1, state, {"step": 1})
+    ck.save(2, state.replace(step=jnp.int32(2)), {"step": 2})
+    abstract = jax.eval_shape(lambda: state)
+    # flip bytes in the largest file of the newest checkpoint
+    files = [os.path.join(r, f) for r, _, fs in os.walk(ck.step_dir(2)) for f in fs if f != MANIFEST]
+    big = max(files, key=os.path.getsize)
+    raw = bytearray(open(big, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(big, "wb").write(bytes(raw))
+    with caplog.at_level("WARNING"):
+        restored, meta, step = ck.restore_latest(abstract)
+    assert step == 1 and meta["step"] == 1
+    assert any(ck.step_dir(2) in rec.getMessage() and "sha256" in rec.getMessage() for rec in caplog.records)
+    # files removed from the only other one: no good checkpoint left -> one clear error
+    shutil.rmtree(os.path.join(ck.step_dir(1), "state"))
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        ck.restore_latest(abstract)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    exp = ExperimentConfig.from_config_dict(tiny())
+    cfg, tc = exp.model, exp.train
+    opt = make_optimizer(tc)
+    state = init_train_state(cfg, tc, opt, 2)
+    step = jax.jit(make_train_step(cfg, tc, opt))
+    x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.n_token, (2, cfg.tgt_len)), jnp.int32)
+    sos = jnp.zeros((2,), bool)
+    good, m = step(state, x, x, sos)
+    assert bool(m["finite"]) and int(good.nonfinite_streak) == 0
+    bad_params = jax.tree.map(lambda p: p.at[...].set(jnp.nan) if p.ndim == 2 else p, good.params)
+    bad = good.replace(params=bad_params)
+    after, m = step(bad, x, x, sos)
+    assert not bool(m["finite"]) and int(after.nonfinite_streak) == 1
+    for a, b in zip(jax.tree.leaves(after.opt_state), jax.tree.leaves(bad.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.abs(after.memory.embed).sum()) == 0.0  # memory cleared
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+    wd = str(tmp_path / "nan")
+    # an absurd learning rate blows the params up after the first update
+    with pytest.raises(TrainingError, match="consecutive steps with a non-finite"):
+        train_and_evaluate(tiny(learning_rate=1e30, clip=0.0, max_consecutive_nonfinite=3,
+                                num_steps=50, checkpoint_every=100), wd)
+    recs = read_metrics(os.path.join(wd, "metrics.jsonl"))
+    assert any(r.get("nonfinite") for r in recs)
+
+
+def test_same_seed_same_losses_other_seed_differs(tmp_path):
+    losses = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        wd = str(tmp_path / name)
+        train_and_evaluate(tiny(num_steps=5, log_every=1, seed=seed), wd)
+        losses[name] = [r["loss"] for r in read_metrics(os.path.join(wd, "metrics.jsonl")) if r["split"] == "train"]
+    assert losses["a"] == losses["b"]
+    assert losses["a"] != losses["c"]
+
+
+def test_clear_errors_for_bad_input(tmp_path):
+    c = tiny()
+    c.model.n_token = 50
+    with pytest.raises(ConfigError, match="n_token=50.*27"):
+        train_and_evaluate(c, str(tmp_path / "a"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "file").write_text("x")
+    with pytest.raises(TrainingError, match="not writable"):
+        train_and_evaluate(tiny(), str(ro / "file" / "sub"))
+    # a checkpoint from an incompatible config
+    wd = str(tmp_path / "b")
+    train_and_evaluate(tiny(num_steps=2), wd)
+    c = tiny(num_steps=4)
+    c.model.d_model = 48
+    c.model.d_head = 24
+    with pytest.raises(CheckpointError, match="d_model: checkpoint 32 vs config 48"):
+        train_and_evaluate(c, wd)
+    r = subprocess.run(train_cmd(str(tmp_path / "c"), "--config.train.batch_siez=3"), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "batch_siez" in r.stderr
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous(tmp_path, monkeypatch):
+    wd = str(tmp_path / "full")
+    train_and_evaluate(tiny(num_steps=2), wd)
+    import errno
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Checkpointer, "save", no_space)
+    with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is intact"):
+        train_and_evaluate(tiny(num_steps=4, checkpoint_every=3), wd)
+    monkeypatch.undo()
+    ck = Checkpointer(os.path.join(wd, "checkpoints"))
+    assert ck.all_steps() == [2]
