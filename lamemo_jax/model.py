@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels
+from kernels.rel_attention import attention_mass_by_distance, rel_attention_probs
 from lamemo_jax.config import ModelConfig
 from lamemo_jax.embedding import AdaptiveEmbedding, AdaptiveSoftmax, normal_init
 from lamemo_jax.memory import LaMemoMemory, XLMemory, push, stat_dtype_of
@@ -102,6 +103,23 @@ class Dense(nn.Module):
         return y
 
 
+class QKVProjection(nn.Module):
+    """Transformer-XL's one [d, 3HD] weight ([q | k | v]); queries only for the current rows."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_cur, cat):
+        cfg = self.cfg
+        hd = cfg.n_head * cfg.d_head
+        dt = jnp.dtype(cfg.dtype)
+        w = self.param("kernel", normal_init(0.02), (cat.shape[-1], 3 * hd),
+                       jnp.dtype(cfg.param_dtype)).astype(dt)
+        q = jnp.dot(h_cur.astype(dt), w[:, :hd])
+        kv = jnp.dot(cat.astype(dt), w[:, hd:])
+        return q, kv[..., :hd], kv[..., hd:]
+
+
 class PositionwiseFF(nn.Module):
     """LN(x + Linear(dropout(ReLU(Linear(x)))) -> dropout)."""
 
@@ -138,14 +156,20 @@ class DecoderLayer(nn.Module):
 
         r_all = split(Dense(cfg, hd, name="r_net")(pos_emb))  # [K(+Mb), H, Dh]
         r_past = r_all[:k_len]
+
+        def analyse(q_cur, k_all):
+            """Analysis only (mutable 'intermediates'): attention mass of the current rows by distance."""
+            if self.is_mutable_collection("intermediates"):
+                p, _ = rel_attention_probs(q_cur, k_all, r_past, biases["u"], biases["v"], key_start,
+                                           scale=scale, same_length=cfg.same_length)
+                self.sow("intermediates", "attn_by_distance", attention_mass_by_distance(p))
         o_net = Dense(cfg, cfg.d_model, name="o_net")
         attn_norm = LayerNorm(cfg, name="attn_norm")
         ff = PositionwiseFF(cfg, name="pos_ff")
 
         if cfg.memory == "xl":
-            qkv = Dense(cfg, 3 * hd, name="qkv_net")(cat)  # one [d, 3HD] weight: [q | k | v]
-            q = split(qkv[:, mb:, :hd])
-            k, v = split(qkv[..., hd:2 * hd]), split(qkv[..., 2 * hd:])
+            q, k, v = map(split, QKVProjection(cfg, name="qkv_net")(h_cur, cat))
+            analyse(q, k)
             a, _ = kernels.rel_attention(cfg.attention_impl, q, k, v, r_past, biases["u"], biases["v"],
                                          key_start, scale=scale, same_length=cfg.same_length,
                                          dropatt=cfg.dropatt if train else 0.0, dropout_rng=dropatt_rng)
@@ -155,6 +179,7 @@ class DecoderLayer(nn.Module):
         q = split(Dense(cfg, hd, name="q_net")(cat))
         kv = Dense(cfg, 2 * hd, name="kv_net")(cat)
         k, v = split(kv[..., :hd]), split(kv[..., hd:])
+        analyse(q[:, mb:], k)
         a, lse_cur = kernels.rel_attention(cfg.attention_impl, q[:, mb:], k, v, r_past, biases["u"],
                                            biases["v"], key_start, scale=scale,
                                            same_length=cfg.same_length,

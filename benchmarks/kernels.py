@@ -1,0 +1,200 @@
+"""Pallas kernels vs the XLA references: forward and forward+backward time and peak memory.
+
+    python -m benchmarks.kernels                       # defaults for this backend
+    python -m benchmarks.kernels --configs 512x512x8x64,150x150x10x41 --dtypes bfloat16 \
+        --batch 8 --iters 20 --json runs/kernels.json
+
+A config is ``NxMxHxDh`` (segment length, memory length, heads, head dim). For every config,
+dtype and kernel (``rel_attention``: the current rows over [memory; current]; ``lookahead``: the
+memory rows over the window, fused with the interpolation) it measures, for the XLA reference
+and the Pallas kernel:
+
+* ``fwd_ms`` / ``fwd_bwd_ms``: median wall time of the jitted forward / ``jax.grad`` of a scalar
+  loss of every output (all differentiable inputs), after one warm-up call;
+* ``fwd_bwd_peak_mb``: the compiled executable's memory (``memory_analysis()``: arguments +
+  outputs + temporaries, minus aliased bytes), plus ``device_peak_mb`` from the device's
+  ``memory_stats()`` where the backend reports one (GPU/TPU).
+
+On CPU the Pallas kernels only run in interpret mode, which emulates the kernel grid with XLA
+loops: its numbers say nothing about kernel speed, so on CPU the benchmark is a smoke test (small
+default configs, three iterations) and says so. Results are printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import BlockSizes
+from kernels.lookahead import lookahead_pallas, lookahead_reference
+from kernels.rel_attention import rel_attention_pallas, rel_attention_reference
+
+ACCEL_CONFIGS = "150x150x10x41,512x512x8x64,512x1024x8x64,256x2048x8x64"
+CPU_CONFIGS = "16x24x2x16,24x16x2x16"
+
+
+def parse_config(text: str) -> tuple[int, int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"config {text!r}: expected NxMxHxDh with positive integers, "
+                         "e.g. 512x512x8x64")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def make_inputs(kernel: str, b: int, n: int, m: int, h: int, d: int, dtype, seed: int = 0):
+    """(differentiable args, static kwargs, extra trailing args) for one kernel call."""
+    rng = np.random.default_rng(seed)
+    arr = lambda *s: jnp.asarray(rng.normal(size=s) * 0.5, dtype)
+    sdt = jnp.promote_types(dtype, jnp.float32)
+    scale = 1.0 / math.sqrt(d)
+    if kernel == "rel_attention":
+        k = m + n
+        args = (arr(b, n, h, d), arr(b, k, h, d), arr(b, k, h, d), arr(k, h, d), arr(h, d),
+                arr(h, d))
+        key_start = jnp.zeros((b,), jnp.int32)
+        return args, (key_start,), dict(scale=scale)
+    w = min(m, n)
+    args = (arr(b, m, h, d), arr(b, w, h, d), arr(b, w, h, d), arr(m, h, d), arr(h, d), arr(h, d))
+    cache = arr(b, m, h, d)
+    cache_lse = jnp.asarray(rng.normal(size=(b, m, h)) + 2.0, sdt)
+    mem_valid = jnp.full((b,), m, jnp.int32)
+    return args, (cache, cache_lse, mem_valid), dict(r_offset=-1, scale=scale)
+
+
+def _functions(kernel: str, impl: str, extra, kw, interpret: bool, block_sizes):
+    if kernel == "rel_attention":
+        ref, pal = rel_attention_reference, rel_attention_pallas
+    else:
+        ref, pal = lookahead_reference, lookahead_pallas
+    if impl == "xla":
+        call = lambda *a: ref(*a, *extra, **kw)
+    else:
+        call = lambda *a: pal(*a, *extra, interpret=interpret, block_sizes=block_sizes, **kw)
+
+    def loss(*a):
+        out, lse = call(*a)
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(lse)
+
+    return call, jax.grad(loss, argnums=tuple(range(6)))
+
+
+def _time(fn, args, iters: int) -> float:
+    jax.block_until_ready(fn(*args))  # warm-up (compiled already)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _compiled_mb(compiled) -> Optional[float]:
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if ma is None:
+        return None
+    total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+             - ma.alias_size_in_bytes)
+    return total / 2**20
+
+
+def _device_peak_mb() -> Optional[float]:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) -> dict:
+    n, m, h, d = cfg
+    args, extra, kw = make_inputs(kernel, batch, n, m, h, d, dtype)
+    fwd, fwd_bwd = _functions(kernel, impl, extra, kw, interpret, block_sizes)
+    row = dict(kernel=kernel, impl=impl + ("_interpret" if impl == "pallas" and interpret else ""),
+               N=n, M=m, H=h, Dh=d, batch=batch, dtype=jnp.dtype(dtype).name)
+    try:
+        cf = jax.jit(fwd).lower(*args).compile()
+        cb = jax.jit(fwd_bwd).lower(*args).compile()
+        row["fwd_ms"] = _time(cf, args, iters)
+        row["fwd_bwd_ms"] = _time(cb, args, iters)
+        row["fwd_bwd_peak_mb"] = _compiled_mb(cb)
+        row["device_peak_mb"] = _device_peak_mb()
+    except Exception as e:  # noqa: BLE001 - one failing config must not hide the others
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["kernel", "impl", "N", "M", "H", "Dh", "batch", "dtype", "fwd_ms", "fwd_bwd_ms",
+            "fwd_bwd_peak_mb", "device_peak_mb"]
+    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+    table = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r, t in zip(rows, table):
+        line = "  ".join(v.ljust(w) for v, w in zip(t, widths))
+        print(line + (f"  ERROR {r['error']}" if "error" in r else ""))
+
+
+def main(argv=None) -> int:
+    backend = jax.default_backend()
+    on_cpu = backend == "cpu"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default=CPU_CONFIGS if on_cpu else ACCEL_CONFIGS,
+                   help="comma-separated NxMxHxDh")
+    p.add_argument("--dtypes", default="float32" if on_cpu else "bfloat16,float32")
+    p.add_argument("--kernels", default="rel_attention,lookahead")
+    p.add_argument("--batch", type=int, default=2 if on_cpu else 8)
+    p.add_argument("--iters", type=int, default=3 if on_cpu else 20)
+    p.add_argument("--block-sizes", default=None,
+                   help="block_q,block_k,block_bwd for the Pallas kernels (default: per target)")
+    p.add_argument("--json", default=None, help="write the results here (JSON)")
+    a = p.parse_args(argv)
+    configs = [parse_config(c) for c in a.configs.split(",") if c]
+    dtypes = [jnp.dtype(x) for x in a.dtypes.split(",") if x]
+    kernel_names = [k for k in a.kernels.split(",") if k]
+    for k in kernel_names:
+        if k not in ("rel_attention", "lookahead"):
+            raise SystemExit(f"--kernels: unknown kernel {k!r}")
+    bs = BlockSizes(*map(int, a.block_sizes.split(","))) if a.block_sizes else None
+    interpret = on_cpu
+    if on_cpu:
+        print("NOTE: backend is CPU: the Pallas kernels run in interpret mode (an XLA emulation of "
+              "the kernel grid). This is a SMOKE TEST of the benchmark and the kernels; the "
+              "timings and memory of 'pallas_interpret' say nothing about GPU/TPU performance.")
+    print(f"backend={backend} device={jax.devices()[0].device_kind}")
+    rows = []
+    for kernel in kernel_names:
+        for cfg in configs:
+            if kernel == "lookahead" and cfg[1] == 0:
+                continue  # no memory rows to refresh
+            for dt in dtypes:
+                for impl in ("xla", "pallas"):
+                    rows.append(bench_one(kernel, impl, cfg, dt, a.batch, a.iters, interpret, bs))
+                    print(f"  done {kernel} {impl} {cfg} {dt.name}", flush=True)
+    print_table(rows)
+    result = dict(backend=backend, device=jax.devices()[0].device_kind, interpret=interpret,
+                  smoke_test=on_cpu, iters=a.iters, rows=rows)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {a.json}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
