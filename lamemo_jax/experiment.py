@@ -20,6 +20,7 @@ from lamemo_jax.config import ConfigError, ModelConfig
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 SPLITS = ("train", "valid", "test")
+REMAT_POLICIES = ("none", "full", "dots")  # train.remat (applied by lamemo_jax.sharding.remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     roll_each_epoch: bool = True  # the original's per-epoch random roll of every row-stream
     max_consecutive_nonfinite: int = 10
     progress_bar: bool = True  # only shown on a terminal
+    remat: str = "none"  # jax.checkpoint of the per-segment loss: "none" | "full" | "dots" (docs/scaling.md)
 
     def __post_init__(self):
         _positive(self, "batch_size", "num_steps", "log_every", "checkpoint_every",
@@ -59,6 +61,8 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer={self.optimizer!r}: choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"train.remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.warmup_steps >= self.num_steps and self.warmup_steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: must be < num_steps")
 
@@ -85,9 +89,22 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    """Device mesh axes (lamemo_jax.sharding, docs/scaling.md): ``data`` (data parallel),
+    ``fsdp`` (data parallel with parameters / optimizer state sharded), ``tensor`` (heads and
+    d_inner split across devices). One axis may be -1: the rest of the devices."""
+
     data: int = -1  # -1: the rest of the devices
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        for n in ("data", "fsdp", "tensor"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+                raise ConfigError(f"mesh.{n}={v!r}: must be a positive integer or -1 (the rest)")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ConfigError(f"mesh data={self.data} fsdp={self.fsdp} tensor={self.tensor}: "
+                              "at most one axis may be -1")
 
 
 def _positive(obj, *names):

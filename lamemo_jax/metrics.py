@@ -75,45 +75,15 @@ def read_metrics(path: str) -> list:
     return out
 
 
-def plot_loss_curves(runs: Dict[str, Iterable[Dict[str, Any]]], path: str, title: str = "") -> str:
-    """Training (and validation) loss vs step for one or several runs, written as a PNG."""
+def _figure():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, records) in enumerate(runs.items()):
-        records = list(records)
-        tr = [(r["step"], r["loss"]) for r in records if r.get("split", "train") == "train" and "loss" in r]
-        va = [(r["step"], r["loss"]) for r in records if r.get("split") == "valid" and "loss" in r]
-        color = f"C{i}"
-        if tr:
-            ax.plot(*zip(*tr), color=color, alpha=0.8, label=f"{name} train")
-        if va:
-            ax.plot(*zip(*va), "o--", color=color, label=f"{name} valid")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plt, fig, ax
 
 
-def plot_xy(series: Dict[str, tuple], path: str, xlabel: str, ylabel: str, title: str = "",
-            logx: bool = False) -> str:
-    """Generic line plot: series = {label: (xs, ys)}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, "o-", label=name)
-    if logx:
-        ax.set_xscale("log", base=2)
+def _finish(plt, fig, ax, path, xlabel, ylabel, title) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -123,6 +93,32 @@ def plot_xy(series: Dict[str, tuple], path: str, xlabel: str, ylabel: str, title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_loss_curves(runs: Dict[str, Iterable[Dict[str, Any]]], path: str, title: str = "") -> str:
+    """Training (and validation) loss vs step for one or several runs, written as a PNG."""
+    plt, fig, ax = _figure()
+    for i, (name, records) in enumerate(runs.items()):
+        records = list(records)
+        tr = [(r["step"], r["loss"]) for r in records if r.get("split", "train") == "train" and "loss" in r]
+        va = [(r["step"], r["loss"]) for r in records if r.get("split") == "valid" and "loss" in r]
+        color = f"C{i}"
+        if tr:
+            ax.plot(*zip(*tr), color=color, alpha=0.8, label=f"{name} train")
+        if va:
+            ax.plot(*zip(*va), "o--", color=color, label=f"{name} valid")
+    return _finish(plt, fig, ax, path, "step", "loss (nats / token)", title)
+
+
+def plot_xy(series: Dict[str, tuple], path: str, xlabel: str, ylabel: str, title: str = "",
+            logx: bool = False) -> str:
+    """Generic line plot: series = {label: (xs, ys)}."""
+    plt, fig, ax = _figure()
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    return _finish(plt, fig, ax, path, xlabel, ylabel, title)
 
 
 def format_seconds(s: Optional[float]) -> str:

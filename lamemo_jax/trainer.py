@@ -35,6 +35,7 @@ from lamemo_jax.api import apply, init_params
 from lamemo_jax.checkpoint import Checkpointer, CheckpointError
 from lamemo_jax.config import ConfigError, ModelConfig
 from lamemo_jax.evaluate import evaluate_tokens
+from lamemo_jax.flops import device_peak_flops, train_step_flops
 from lamemo_jax.experiment import ExperimentConfig, TrainConfig
 from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset_rows
 from lamemo_jax.metrics import MetricWriter, headline, plot_loss_curves, read_metrics, unit_metrics
@@ -337,6 +338,8 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     eval_cfg = exp.eval_model().replace(n_token=cfg.n_token)
     periodic_eval_cfg = eval_cfg
     tokens_per_step = tc.batch_size * cfg.tgt_len
+    step_flops = train_step_flops(cfg, tc.batch_size)
+    peak_flops = device_peak_flops()
     logging.info("training %s (%s) on %s: %d params, %d steps of %d tokens, starting at step %d",
                  cfg.memory, cfg.lookahead if cfg.memory == "lamemo" else "-", ds.name,
                  sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)), tc.num_steps,
@@ -398,7 +401,10 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                        "learning_rate": float(window[-1]["learning_rate"]),
                        "grad_norm": float(np.mean([float(x["grad_norm"]) for x in finite])) if finite else float("nan"),
                        "step_time_s": dt / len(window), "tokens_per_sec": tokens_per_step * len(window) / dt,
-                       "epoch": batch.epoch}
+                       "epoch": batch.epoch,
+                       "model_tflops_per_sec": step_flops * len(window) / dt / 1e12}
+                if peak_flops:
+                    rec["mfu"] = step_flops * len(window) / dt / (peak_flops * jax.device_count())
                 writer.write(rec)
                 logging.info("step %d: loss %.4f %s lr %.3g |g| %.3f %.0f tok/s", step, loss,
                              headline(loss, ds.unit), rec["learning_rate"], rec["grad_norm"],
@@ -465,6 +471,8 @@ def load_run(workdir: str, step: Optional[int] = None):
     cfg = exp.model
     optimizer = make_optimizer(exp.train)
     abstract = jax.eval_shape(lambda: init_train_state(cfg, exp.train, optimizer, exp.train.batch_size))
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # a checkpoint of any mesh loads here
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints)
     try:
         if step is None:
