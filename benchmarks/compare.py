@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="wiki_chars", choices=["wiki_chars", "sotu_words", "wiki_bytes"])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--mem_lens", default="16,32,64,128,256")
+    p.add_argument("--mem_lens", default="16,32,64,128,256")  # trained with 64
     p.add_argument("--analysis_tokens", type=int, default=16 * 64 * 12)
+    p.add_argument("--sweep_tokens", type=int, default=32768, help="test tokens used by the memory sweep")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -62,8 +63,8 @@ def main(argv=None) -> int:
             test = ds.split("test")
             ecfg = exp.eval_model()
             res = evaluate_tokens(ecfg, params, test, batch_size=exp.eval.batch_size)
-            sweep = [(m, evaluate_tokens(ecfg.replace(mem_len=m), params, test, batch_size=exp.eval.batch_size).loss)
-                     for m in mem_lens]
+            sweep = [(m, evaluate_tokens(ecfg.replace(mem_len=m), params, test, batch_size=exp.eval.batch_size,
+                                         max_tokens=args.sweep_tokens).loss) for m in mem_lens]
             streams = stream_matrix(test, exp.eval.batch_size, args.analysis_tokens)
             streams = streams[:, : (streams.shape[1] // cfg.tgt_len) * cfg.tgt_len]
             mass = attention_by_distance(ecfg, params, streams, skip=ecfg.mem_len // ecfg.tgt_len + 1)
