@@ -131,12 +131,12 @@ def main(argv=None) -> int:
             f_ratio = la["train_flops_per_step"] / xl["train_flops_per_step"]
             checks.append({"check": f"lamemo/xl time ratio within 10% of flop ratio @ {m}",
                            "time_ratio": t_ratio, "flop_ratio": f_ratio,
-                           "ok": abs(t_ratio / f_ratio - 1) <= 0.10})
+                           "ok": bool(abs(t_ratio / f_ratio - 1) <= 0.10)})
             if m in ORIGINAL_LAMEMO_MS:
                 checks.append({"check": f"lamemo >= 2x faster than the original @ {m}",
                                "ours_ms": la["step_ms"], "original_ms": ORIGINAL_LAMEMO_MS[m],
                                "speedup": ORIGINAL_LAMEMO_MS[m] / la["step_ms"],
-                               "ok": ORIGINAL_LAMEMO_MS[m] / la["step_ms"] >= 2.0})
+                               "ok": bool(ORIGINAL_LAMEMO_MS[m] / la["step_ms"] >= 2.0)})
         if len(mem_lens) >= 3:
             xs = np.array(mem_lens, float)
             ys = np.array([by[("lamemo", m)]["step_ms"] - by[("xl", m)]["step_ms"] for m in mem_lens])
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             resid = np.abs(np.polyval(lin, xs) - ys).max() / max(abs(ys).max(), 1e-9)
             checks.append({"check": "look-ahead overhead (lamemo - xl time) linear in mem_len",
                            "max_rel_residual_of_linear_fit": float(resid), "quadratic_coef": float(coef[0]),
-                           "ok": resid <= 0.15})
+                           "ok": bool(resid <= 0.15)})
     for c in checks:
         print(("PASS " if c["ok"] else "FAIL ") + json.dumps(c), flush=True)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "args": vars(args),
