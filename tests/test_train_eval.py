@@ -134,3 +134,28 @@ def test_greedy_generation_equals_one_pass_argmax():
     out, _ = lamemo_jax.apply(cfg.replace(mem_len=0), params, seq[None, :-1], mem)
     greedy = np.asarray(out.log_probs[0]).argmax(-1)[len(prompt) - 1:]
     np.testing.assert_array_equal(new, greedy)
+
+
+def test_grad_accumulation_equals_the_full_batch():
+    """grad_accum_steps=k processes the batch as k chunks of rows (each with its memory rows);
+    the update equals the full-batch one up to float32 round-off."""
+    from lamemo_jax.experiment import ExperimentConfig
+    from lamemo_jax.trainer import init_train_state, make_optimizer, make_train_step
+    exp = ExperimentConfig.from_config_dict(tiny_config(batch_size=4))
+    cfg = exp.model.replace(dropout=0.0)
+    x = jax.numpy.asarray(np.random.default_rng(0).integers(0, cfg.n_token, (4, cfg.tgt_len)), jax.numpy.int32)
+    sos = jax.numpy.zeros((4,), bool)
+    out = {}
+    for k in (1, 2):
+        tc = exp.train.__class__(**{**exp.train.__dict__, "grad_accum_steps": k})
+        opt = make_optimizer(tc)
+        state = init_train_state(cfg, tc, opt, 4)
+        step = jax.jit(make_train_step(cfg, tc, opt))
+        for _ in range(2):  # the second step also checks the carried memory rows
+            state, m = step(state, x, x, sos)
+        out[k] = (float(m["loss"]), state)
+    assert abs(out[1][0] - out[2][0]) <= 1e-5
+    for a, b in zip(jax.tree.leaves(out[1][1].params), jax.tree.leaves(out[2][1].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[1][1].memory), jax.tree.leaves(out[2][1].memory)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
