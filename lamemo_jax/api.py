@@ -51,15 +51,26 @@ def init_params(cfg: ModelConfig, rng: Array) -> Params:
     return variables["params"]
 
 
+def out_of_vocab_id(tokens, n_token: int) -> Optional[int]:
+    """The first offending id (the minimum if negative, else the maximum) of a NumPy token array
+    that leaves [0, n_token), or None. One pass for each of min and max."""
+    tokens = np.asarray(tokens)
+    if not tokens.size:
+        return None
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0:
+        return lo
+    return hi if hi >= n_token else None
+
+
 def _check_tokens(cfg: ModelConfig, tokens, name: str):
     if tokens.ndim != 2:
         raise ValueError(f"{name} must be int [B, T]; got shape {tuple(tokens.shape)}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must hold integer token ids; got dtype {tokens.dtype}")
-    if isinstance(tokens, np.ndarray) and tokens.size:
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= cfg.n_token:
-            bad = lo if lo < 0 else hi
+    if isinstance(tokens, np.ndarray):
+        bad = out_of_vocab_id(tokens, cfg.n_token)
+        if bad is not None:
             raise ValueError(f"{name} holds token id {bad} outside the vocabulary [0, {cfg.n_token})")
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lamemo_jax.api import _score_jit, apply
+from lamemo_jax.api import _score_jit, apply, out_of_vocab_id
 from lamemo_jax.config import ModelConfig
 from lamemo_jax.memory import init_memory
 from lamemo_jax.metrics import unit_metrics
@@ -65,8 +65,8 @@ def evaluate_tokens(cfg: ModelConfig, params, tokens: np.ndarray, *, batch_size:
     """
     t0 = time.time()
     streams = stream_matrix(tokens, batch_size, max_tokens)
-    if int(streams.max()) >= cfg.n_token or int(streams.min()) < 0:
-        bad = int(streams.max()) if int(streams.max()) >= cfg.n_token else int(streams.min())
+    bad = out_of_vocab_id(streams, cfg.n_token)
+    if bad is not None:
         raise ValueError(f"evaluation data holds token id {bad} outside the model vocabulary [0, {cfg.n_token})")
     inputs, targets = streams[:, :-1].astype(np.int32), streams[:, 1:].astype(np.int32)
     n = cfg.tgt_len
@@ -147,8 +147,9 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
         raise ValueError(f"generate: temperature={temperature} must be > 0")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"generate: top_p={top_p} must be in (0, 1]")
-    if int(prompt.max()) >= cfg.n_token or int(prompt.min()) < 0:
-        raise ValueError(f"generate: prompt token id outside the vocabulary [0, {cfg.n_token})")
+    bad = out_of_vocab_id(prompt, cfg.n_token)
+    if bad is not None:
+        raise ValueError(f"generate: prompt token id {bad} outside the vocabulary [0, {cfg.n_token})")
     cfg = cfg.replace(dropout=0.0, dropatt=0.0)
     memory = init_memory(cfg, 1)
     n = cfg.tgt_len

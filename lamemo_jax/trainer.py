@@ -31,7 +31,7 @@ import optax
 
 from lamemo_jax import data as data_lib
 from lamemo_jax import sharding as shard_lib
-from lamemo_jax.api import apply, init_params
+from lamemo_jax.api import apply, init_params, out_of_vocab_id
 from lamemo_jax.checkpoint import Checkpointer, CheckpointError
 from lamemo_jax.config import ConfigError, ModelConfig
 from lamemo_jax.evaluate import evaluate_tokens
@@ -299,8 +299,8 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     train_tokens = ds.split("train")
     valid_tokens = ds.split("valid")
     for split, toks in (("train", train_tokens), ("valid", valid_tokens)):
-        if toks.size and (int(toks.max()) >= cfg.n_token or int(toks.min()) < 0):
-            bad = int(toks.max()) if int(toks.max()) >= cfg.n_token else int(toks.min())
+        bad = out_of_vocab_id(toks, cfg.n_token)
+        if bad is not None:
             raise ConfigError(f"the {ds.name} {split} split holds token id {bad} outside the model "
                               f"vocabulary [0, {cfg.n_token}) (model.n_token)")
     mesh = shard_lib.make_mesh(exp.mesh)
