@@ -13,7 +13,10 @@ and the Pallas kernel:
   loss of every output (all differentiable inputs), after one warm-up call;
 * ``fwd_bwd_peak_mb``: the compiled executable's memory (``memory_analysis()``: arguments +
   outputs + temporaries, minus aliased bytes), plus ``device_peak_mb`` from the device's
-  ``memory_stats()`` where the backend reports one (GPU/TPU).
+  ``memory_stats()`` where the backend reports one (GPU/TPU; the process's running peak, so
+  it only bounds a config's memory from above);
+* ``max_rel_err_vs_xla`` (Pallas rows): max over the outputs and all gradients of
+  ``max|pallas - xla| / max(1, max|xla|)``, so a fast but wrong kernel shows up in the table.
 
 On CPU the Pallas kernels only run in interpret mode, which emulates the kernel grid with XLA
 loops: its numbers say nothing about kernel speed, so on CPU the benchmark is a smoke test (small
@@ -133,6 +136,7 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
         row["fwd_bwd_ms"] = _time(cb, args, iters)
         row["fwd_bwd_peak_mb"] = _compiled_mb(cb)
         row["device_peak_mb"] = _device_peak_mb()
+        row["_values"] = jax.tree.leaves((cf(*args), cb(*args)))  # for the error vs the reference
     except Exception as e:  # noqa: BLE001 - one failing config must not hide the others
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return row
@@ -140,8 +144,9 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
 
 def print_table(rows: list[dict]) -> None:
     cols = ["kernel", "impl", "N", "M", "H", "Dh", "batch", "dtype", "fwd_ms", "fwd_bwd_ms",
-            "fwd_bwd_peak_mb", "device_peak_mb"]
-    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+            "fwd_bwd_peak_mb", "device_peak_mb", "max_rel_err_vs_xla"]
+    fmt = lambda v: "-" if v is None else (
+        (f"{v:.2e}" if abs(v) < 0.01 else f"{v:.2f}") if isinstance(v, float) else str(v))
     table = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -183,9 +188,18 @@ def main(argv=None) -> int:
             if kernel == "lookahead" and cfg[1] == 0:
                 continue  # no memory rows to refresh
             for dt in dtypes:
-                for impl in ("xla", "pallas"):
-                    rows.append(bench_one(kernel, impl, cfg, dt, a.batch, a.iters, interpret, bs))
-                    print(f"  done {kernel} {impl} {cfg} {dt.name}", flush=True)
+                pair = [bench_one(kernel, impl, cfg, dt, a.batch, a.iters, interpret, bs)
+                        for impl in ("xla", "pallas")]
+                ref_vals, pal_vals = (r.pop("_values", None) for r in pair)
+                if ref_vals is not None and pal_vals is not None:
+                    # max over outputs and gradients of max|pallas - xla| / max(1, max|xla|)
+                    pair[1]["max_rel_err_vs_xla"] = max(
+                        float(jnp.max(jnp.abs(p.astype(jnp.float32) - x.astype(jnp.float32)))
+                              / max(1.0, float(jnp.max(jnp.abs(x.astype(jnp.float32))))))
+                        for p, x in zip(pal_vals, ref_vals))
+                rows.extend(pair)
+                for r in pair:  # as it goes, so a run cut short still leaves its numbers
+                    print("  " + json.dumps(r), flush=True)
     print_table(rows)
     result = dict(backend=backend, device=jax.devices()[0].device_kind, interpret=interpret,
                   smoke_test=on_cpu, iters=a.iters, rows=rows)

@@ -2,6 +2,11 @@
 
     python -m benchmarks.throughput                       # the original-code comparison config
     python -m benchmarks.throughput --mem_lens=64,128 --steps=20 --out=/tmp/tp
+    python -m benchmarks.throughput --config=configs/wt103.py --dtype=bfloat16 \
+        --attention_impls=pallas,xla --steps=10 --out=runs/tp_wt103      # a paper config (GPU)
+
+With ``--config`` the model (and the default batch and mem_len) come from a configs/*.py file
+instead of the flags; ``--memories`` still switches lamemo / xl and ``--dtype`` the compute dtype.
 
 For each (memory, mem_len): the median step time over ``--steps`` training steps after compile
 (Adam, dropout 0.1), evaluation tokens/s, model FLOPs per step (lamemo_jax.flops), achieved
@@ -39,10 +44,26 @@ ORIGINAL_LAMEMO_MS = {64: 53.0, 128: 91.0, 256: 136.0, 512: 307.0}
 ORIGINAL_XL_MS = {64: 31.0, 128: 37.0, 256: 49.0, 512: 70.0}
 
 
-def base_config(args, memory: str, mem_len: int) -> ModelConfig:
+def load_config_file(path: str):
+    """The ExperimentConfig of a configs/*.py file (its get_config())."""
+    import importlib.util
+    from lamemo_jax.experiment import ExperimentConfig
+    spec = importlib.util.spec_from_file_location("_bench_config", path)
+    if spec is None or not os.path.isfile(path):
+        raise SystemExit(f"--config: no such config file {path!r}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return ExperimentConfig.from_config_dict(mod.get_config())
+
+
+def base_config(args, memory: str, mem_len: int, impl: str = "auto") -> ModelConfig:
+    if args.config:
+        return load_config_file(args.config).model.replace(
+            memory=memory, mem_len=mem_len, dtype=args.dtype, attention_impl=impl)
     return ModelConfig(n_token=args.n_token, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
                        d_head=args.d_head, d_inner=args.d_inner, tgt_len=args.tgt_len, mem_len=mem_len,
-                       dropout=0.1, dropatt=0.0, memory=memory, dtype=args.dtype)
+                       dropout=0.1, dropatt=0.0, memory=memory, dtype=args.dtype,
+                       attention_impl=impl)
 
 
 def time_train(cfg: ModelConfig, batch: int, steps: int):
@@ -65,6 +86,15 @@ def time_train(cfg: ModelConfig, batch: int, steps: int):
     return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
 
 
+def device_peak_mb():
+    """Peak device memory of this process (GPU/TPU allocators report it; None on CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001
+        return None
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
 def time_eval(cfg: ModelConfig, batch: int, segments: int = 8):
     from lamemo_jax.api import init_params
     params = init_params(cfg, jax.random.key(0))
@@ -80,10 +110,13 @@ def time_eval(cfg: ModelConfig, batch: int, segments: int = 8):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mem_lens", default="64,128,256,512")
+    p.add_argument("--config", default=None, help="a configs/*.py file: take the model from it")
+    p.add_argument("--attention_impls", default="auto",
+                   help="comma-separated ModelConfig.attention_impl values to compare")
+    p.add_argument("--mem_lens", default=None, help="default 64,128,256,512 (the config's with --config)")
     p.add_argument("--memories", default="lamemo,xl")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="default 8 (the config's with --config)")
     p.add_argument("--tgt_len", type=int, default=64)
     p.add_argument("--n_layer", type=int, default=2)
     p.add_argument("--d_model", type=int, default=128)
@@ -94,7 +127,21 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--no_targets", action="store_true", help="only measure (other configs)")
+    p.add_argument("--no_eval", action="store_true", help="skip the evaluation throughput")
     args = p.parse_args(argv)
+    if args.config:
+        exp = load_config_file(args.config)
+        args.mem_lens = args.mem_lens or str(exp.model.mem_len)
+        args.batch = args.batch or exp.train.batch_size
+        args.tgt_len, args.n_layer, args.d_model = exp.model.tgt_len, exp.model.n_layer, exp.model.d_model
+        args.n_head, args.d_head, args.d_inner = exp.model.n_head, exp.model.d_head, exp.model.d_inner
+        args.n_token = exp.model.n_token
+        args.no_targets = True  # the targets are for the original-code comparison config
+    args.mem_lens = args.mem_lens or "64,128,256,512"
+    args.batch = args.batch or 8
+    impls = [i for i in args.attention_impls.split(",") if i]
+    if len(impls) > 1:
+        args.no_targets = True
     mem_lens = [int(m) for m in args.mem_lens.split(",")]
     memories = args.memories.split(",")
     os.makedirs(args.out, exist_ok=True)
@@ -105,24 +152,34 @@ def main(argv=None) -> int:
           f"ff{args.d_inner} vocab {args.n_token}, {args.dtype}", flush=True)
     for m in mem_lens:
         for memory in memories:
-            cfg = base_config(args, memory, m)
-            med, p10, p90 = time_train(cfg, args.batch, args.steps)
-            eval_tps = time_eval(cfg, args.batch)
-            flops = train_step_flops(cfg, args.batch)
-            row = {"memory": memory, "mem_len": m, "step_ms": med * 1e3, "step_ms_p10": p10 * 1e3,
-                   "step_ms_p90": p90 * 1e3, "train_tokens_per_sec": args.batch * args.tgt_len / med,
-                   "eval_tokens_per_sec": eval_tps, "train_flops_per_step": flops,
-                   "eval_flops_per_token": forward_flops(cfg, 1) / args.tgt_len,
-                   "achieved_tflops": flops / med / 1e12,
-                   "mfu": (flops / med / peak) if peak else None,
-                   "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            rows.append(row)
-            print(f"  {memory:6s} mem_len {m:5d}: {row['step_ms']:8.1f} ms/step "
-                  f"(p10 {row['step_ms_p10']:.1f}, p90 {row['step_ms_p90']:.1f})  "
-                  f"train {row['train_tokens_per_sec']:8.0f} tok/s  eval {eval_tps:8.0f} tok/s  "
-                  f"{flops / 1e9:6.2f} GFLOP/step", flush=True)
+            for impl in impls:
+                cfg = base_config(args, memory, m, impl)
+                head = {"memory": memory, "mem_len": m, "attention_impl": impl}
+                try:
+                    med, p10, p90 = time_train(cfg, args.batch, args.steps)
+                    eval_tps = None if args.no_eval else time_eval(cfg, args.batch)
+                except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+                    rows.append({**head, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                    print(f"  {memory:6s} mem_len {m:5d} {impl}: ERROR {rows[-1]['error']}", flush=True)
+                    continue
+                flops = train_step_flops(cfg, args.batch)
+                row = {**head, "step_ms": med * 1e3, "step_ms_p10": p10 * 1e3,
+                       "step_ms_p90": p90 * 1e3, "train_tokens_per_sec": args.batch * args.tgt_len / med,
+                       "eval_tokens_per_sec": eval_tps, "train_flops_per_step": flops,
+                       "eval_flops_per_token": forward_flops(cfg, 1) / args.tgt_len,
+                       "achieved_tflops": flops / med / 1e12,
+                       "mfu": (flops / med / peak) if peak else None,
+                       "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       "device_peak_mb": device_peak_mb()}
+                rows.append(row)
+                mfu = f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+                ev = f"  eval {eval_tps:8.0f} tok/s" if eval_tps is not None else ""
+                print(f"  {memory:6s} mem_len {m:5d} {impl}: {row['step_ms']:8.1f} ms/step "
+                      f"(p10 {row['step_ms_p10']:.1f}, p90 {row['step_ms_p90']:.1f})  "
+                      f"train {row['train_tokens_per_sec']:8.0f} tok/s{ev}  "
+                      f"{flops / 1e9:6.2f} GFLOP/step  {row['achieved_tflops']:.1f} TFLOP/s{mfu}", flush=True)
 
-    by = {(r["memory"], r["mem_len"]): r for r in rows}
+    by = {(r["memory"], r["mem_len"]): r for r in rows if "error" not in r}
     checks = []
     if not args.no_targets and set(memories) >= {"lamemo", "xl"}:
         for m in mem_lens:
@@ -154,8 +211,13 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
         json.dump(out, f, indent=2)
     from lamemo_jax.metrics import plot_xy
-    series = {mem: ([r["mem_len"] for r in rows if r["memory"] == mem],
-                    [r["step_ms"] for r in rows if r["memory"] == mem]) for mem in memories}
+    ok_rows = [r for r in rows if "error" not in r]
+    series = {}
+    for mem in memories:
+        for impl in impls:
+            sel = [r for r in ok_rows if r["memory"] == mem and r["attention_impl"] == impl]
+            series[mem if len(impls) == 1 else f"{mem} ({impl})"] = (
+                [r["mem_len"] for r in sel], [r["step_ms"] for r in sel])
     if not args.no_targets:
         for mem, ref in (("lamemo", ORIGINAL_LAMEMO_MS), ("xl", ORIGINAL_XL_MS)):
             ks = [m for m in mem_lens if m in ref]
@@ -164,7 +226,7 @@ def main(argv=None) -> int:
     plot_xy(series, os.path.join(args.out, "throughput.png"), "mem_len", "train step (ms)",
             title=f"step time vs memory length ({jax.devices()[0].device_kind})", logx=True)
     print(f"wrote {args.out}/throughput.json and throughput.png", flush=True)
-    return 0 if all(c["ok"] for c in checks) else 1
+    return 0 if all(c["ok"] for c in checks) and not any("error" in r for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lamemo_jax import data as data_lib
 from lamemo_jax import sharding as shard_lib
 from lamemo_jax.api import apply, init_params, out_of_vocab_id
 from lamemo_jax.checkpoint import Checkpointer, CheckpointError
@@ -291,6 +290,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
+    # Imported here, not at module level: the train step (make_train_step, init_train_state) is
+    # usable without the data stack (tensorflow-datasets), e.g. by benchmarks on an accelerator
+    # image that lacks it, or with a user's own input pipeline.
+    from lamemo_jax import data as data_lib
+
     ds = data_lib.load(exp.data)
     cfg = resolve_model(exp, ds)
     if tc.batch_size % tc.grad_accum_steps:

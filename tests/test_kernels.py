@@ -8,6 +8,12 @@ magnitude 4 is already 0.031) but in different orders, so they agree to a few ul
 bit; the kernel is checked against the bf16 reference and against the float32 one. The model
 fixtures: 2e-5 on the NLL against the original's pure-float64 run.
 
+On a GPU machine, ``LAMEMO_KERNELS_COMPILED=1 python -m pytest tests/test_kernels.py`` runs the
+same reference-equality cases (and the model tests) through the real Triton compile instead of
+interpret mode: target "gpu", blocks raised to the Triton minimum of 16, attention_impl="pallas",
+and float32 matmuls at full precision on both sides (no TF32). Without the variable (CI, CPU) the
+kernels run in interpret mode.
+
 Interpret mode is slow, so the shapes are small, the blocks are 8 or 16 rows (which makes the
 shapes span several blocks and end in ragged ones), and each case checks the forward outputs and
 every gradient (one random cotangent per output, lse included) in one jitted call.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -31,6 +38,26 @@ from kernels import _relpos_flash as flash
 from kernels.check_lowering import main as check_lowering_main
 from kernels.lookahead import lookahead_pallas, lookahead_reference
 from kernels.rel_attention import rel_attention_pallas, rel_attention_reference
+
+# Compiled mode (see the module docstring): needs a GPU backend, fails loudly otherwise.
+COMPILED = os.environ.get("LAMEMO_KERNELS_COMPILED", "") == "1"
+if COMPILED:
+    if jax.default_backend() != "gpu":
+        raise RuntimeError("LAMEMO_KERNELS_COMPILED=1 needs a GPU backend; this process runs on "
+                           f"{jax.default_backend()!r}")
+    jax.config.update("jax_default_matmul_precision", "highest")
+MODEL_PALLAS_IMPL = "pallas" if COMPILED else "pallas_interpret"
+
+
+def _pallas_mode(target: str, bs: BlockSizes) -> dict:
+    """Keyword arguments of a Pallas call in this test mode: interpret mode with the case's target
+    and blocks on CPU; the compiled GPU kernels (blocks >= 16) with LAMEMO_KERNELS_COMPILED=1."""
+    if not COMPILED:
+        return dict(interpret=True, target=target, block_sizes=bs)
+    up = lambda v: max(v, 16)
+    return dict(interpret=False, target="gpu",
+                block_sizes=BlockSizes(up(bs.block_q), up(bs.block_k), up(bs.block_bwd)))
+
 
 F32_TOL = 1e-5  # absolute
 BF16_TOL = 2e-2  # relative to max(1, max|reference|) of each array (see the module docstring)
@@ -131,7 +158,7 @@ def test_rel_attention_matches_reference(case):
     args, key_start = _rel_inputs(b, n, mb, h, d, valid, clamp)
     kw = dict(scale=1.0 / math.sqrt(d), same_length=same_length)
     got = _fwd_and_grads(lambda *a: rel_attention_pallas(
-        *a, key_start, block_sizes=bs, interpret=True, target=target, **kw), args)
+        *a, key_start, **_pallas_mode(target, bs), **kw), args)
     want = _fwd_and_grads(lambda *a: rel_attention_reference(*a, key_start, **kw), args)
     assert [x.dtype for x in got] == [x.dtype for x in want]
     _assert_close(got, want, REL_NAMES, F32_TOL)
@@ -152,7 +179,7 @@ def test_lookahead_matches_reference(case):
     args, mem_valid, r_offset = _lookahead_inputs(b, n, mb, h, d, valid, clamp, causal)
     kw = dict(r_offset=r_offset, scale=1.0 / math.sqrt(d), causal=causal)
     got = _fwd_and_grads(lambda *a: lookahead_pallas(
-        *a, mem_valid, block_sizes=bs, interpret=True, target=target, **kw), args)
+        *a, mem_valid, **_pallas_mode(target, bs), **kw), args)
     want = _fwd_and_grads(lambda *a: lookahead_reference(*a, mem_valid, **kw), args)
     assert [x.dtype for x in got] == [x.dtype for x in want]
     _assert_close(got, want, LOOK_NAMES, F32_TOL)
@@ -165,8 +192,7 @@ def test_bfloat16_matches_reference():
     bs = BlockSizes(16, 16, 16)
     args, key_start = _rel_inputs(2, 12, 20, 2, 16, (20, 9), None)
     kw = dict(scale=0.25, same_length=True)
-    pal = lambda *a: rel_attention_pallas(*a, key_start, block_sizes=bs, interpret=True,
-                                          target="tpu", **kw)
+    pal = lambda *a: rel_attention_pallas(*a, key_start, **_pallas_mode("tpu", bs), **kw)
     ref = lambda *a: rel_attention_reference(*a, key_start, **kw)
     got = _fwd_and_grads(pal, bf(args))
     want = _fwd_and_grads(ref, bf(args))
@@ -177,8 +203,7 @@ def test_bfloat16_matches_reference():
 
     args, mem_valid, r_offset = _lookahead_inputs(2, 12, 20, 2, 16, (20, 9), None, True)
     kw = dict(r_offset=r_offset, scale=0.25)
-    pal = lambda *a: lookahead_pallas(*a, mem_valid, block_sizes=bs, interpret=True,
-                                      target="gpu", **kw)
+    pal = lambda *a: lookahead_pallas(*a, mem_valid, **_pallas_mode("gpu", bs), **kw)
     ref = lambda *a: lookahead_reference(*a, mem_valid, **kw)
     bf_args = bf(args[:7]) + (args[7],)  # cache_lse stays float32 (the model keeps Z >= f32)
     got = _fwd_and_grads(pal, bf_args)
@@ -315,7 +340,7 @@ def test_model_pallas_interpret_matches_torch_fixture(name):
     state = {k: v.astype(np.float32) for k, v in np.load(d / "state_dict.npz").items()}
     cfg, params = lamemo_jax.convert.from_torch(json.load(open(d / "config.json")), state)
     assert cfg.dtype == "float32"
-    cfg = cfg.replace(attention_impl="pallas_interpret")
+    cfg = cfg.replace(attention_impl=MODEL_PALLAS_IMPL)
     nll, _ = lamemo_jax.score(cfg, params, np.load(d / "tokens.npy"))
     want = np.load(d / "nll_pure64.npy")
     err = float(np.max(np.abs(nll - want)))
@@ -369,7 +394,7 @@ def test_sgd_steps_pallas_interpret_equal_xla():
             losses.append(float(loss))
         return np.asarray(losses)
 
-    xla, pallas = run("xla"), run("pallas_interpret")
+    xla, pallas = run("xla"), run(MODEL_PALLAS_IMPL)
     assert np.all(np.abs(np.diff(xla)) > 1e-3)  # the steps do move the loss
     np.testing.assert_allclose(pallas, xla, rtol=0, atol=1e-5)
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one pass with a time limit per stage (for a short lease on a
+# GPU machine). Usage, from the repository root:
+#
+#     benchmarks/accelerator_checks.sh OUTDIR [wt103 config] [throughput steps]
+#
+# Stages (each writes OUTDIR/<stage>.log; a failing or timed-out stage does not stop the others):
+#   env           versions, devices, and kernels.pallas_self_check() (what attention_impl="auto"
+#                 runs before trusting the kernels)
+#   kernel_tests  tests/test_kernels.py's reference-equality cases, bf16 case and model tests
+#                 through the real Triton compile (LAMEMO_KERNELS_COMPILED=1)
+#   kernel_bench  python -m benchmarks.kernels (Pallas vs XLA: time, memory, error) -> kernels.json
+#   throughput    the paper config in bf16, LaMemo and Transformer-XL, Pallas and XLA attention:
+#                 tokens/s and MFU -> tp/throughput.json
+# Results are recorded in docs/benchmarks.md.
+set -u
+OUT=${1:?usage: $0 OUTDIR [config] [steps]}
+CONFIG=${2:-configs/wt103.py}
+STEPS=${3:-10}
+mkdir -p "$OUT/tp"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+LIMIT_ENV=${LIMIT_ENV:-90}
+LIMIT_TESTS=${LIMIT_TESTS:-150}
+LIMIT_BENCH=${LIMIT_BENCH:-110}
+LIMIT_TP=${LIMIT_TP:-200}
+
+stage() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)"
+  start=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $(($(date +%s) - start)) s"
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+
+stage env "$LIMIT_ENV" "$PY" -c "
+import jax, jaxlib, flax, optax
+print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__)
+print(jax.devices())
+import kernels
+print('pallas_self_check:', kernels.pallas_self_check())"
+stage kernel_tests "$LIMIT_TESTS" env LAMEMO_KERNELS_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/test_kernels.py -k "matches_reference or bfloat16 or torch_fixture or sgd_steps"
+stage kernel_bench "$LIMIT_BENCH" "$PY" -m benchmarks.kernels --iters 20 --json "$OUT/kernels.json"
+stage throughput "$LIMIT_TP" "$PY" -m benchmarks.throughput --config="$CONFIG" --dtype=bfloat16 \
+  --memories=lamemo,xl --attention_impls=pallas,xla --steps="$STEPS" --no_eval --out="$OUT/tp"
