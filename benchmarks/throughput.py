@@ -56,7 +56,26 @@ def load_config_file(path: str):
     return ExperimentConfig.from_config_dict(mod.get_config())
 
 
+def parse_overrides(items) -> dict:
+    """--set FIELD=VALUE items -> {field: value} (VALUE parsed as a Python literal when it is one)."""
+    import ast
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            out[key] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            out[key] = val
+    return out
+
+
 def base_config(args, memory: str, mem_len: int, impl: str = "auto") -> ModelConfig:
+    return _base_config(args, memory, mem_len, impl).replace(**parse_overrides(args.set))
+
+
+def _base_config(args, memory: str, mem_len: int, impl: str) -> ModelConfig:
     if args.config:
         return load_config_file(args.config).model.replace(
             memory=memory, mem_len=mem_len, dtype=args.dtype, attention_impl=impl)
@@ -111,6 +130,8 @@ def time_eval(cfg: ModelConfig, batch: int, segments: int = 8):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="a configs/*.py file: take the model from it")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field (repeatable), e.g. --set dropout=0.0")
     p.add_argument("--attention_impls", default="auto",
                    help="comma-separated ModelConfig.attention_impl values to compare")
     p.add_argument("--mem_lens", default=None, help="default 64,128,256,512 (the config's with --config)")
@@ -140,6 +161,8 @@ def main(argv=None) -> int:
     args.mem_lens = args.mem_lens or "64,128,256,512"
     args.batch = args.batch or 8
     impls = [i for i in args.attention_impls.split(",") if i]
+    if args.set:
+        args.no_targets = True  # a changed model is not the original-code comparison config
     if len(impls) > 1:
         args.no_targets = True
     mem_lens = [int(m) for m in args.mem_lens.split(",")]
@@ -149,12 +172,14 @@ def main(argv=None) -> int:
     rows = []
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch {args.batch}, "
           f"tgt_len {args.tgt_len}, {args.n_layer}L d{args.d_model} {args.n_head}x{args.d_head} "
-          f"ff{args.d_inner} vocab {args.n_token}, {args.dtype}", flush=True)
+          f"ff{args.d_inner} vocab {args.n_token}, {args.dtype}"
+          + (f", overrides {parse_overrides(args.set)}" if args.set else ""), flush=True)
     for m in mem_lens:
         for memory in memories:
             for impl in impls:
                 cfg = base_config(args, memory, m, impl)
-                head = {"memory": memory, "mem_len": m, "attention_impl": impl}
+                head = {"memory": memory, "mem_len": m, "attention_impl": impl,
+                        "overrides": parse_overrides(args.set)}
                 try:
                     med, p10, p90 = time_train(cfg, args.batch, args.steps)
                     eval_tps = None if args.no_eval else time_eval(cfg, args.batch)

@@ -41,7 +41,7 @@ _SELF_CHECK: dict = {}
 
 def pallas_self_check() -> bool:
     """Once per process on an accelerator: both kernels, forward and gradients, at a small ragged
-    shape against the references (float32, 1e-4). 'auto' uses Pallas only when this passes; a
+    shape against the references (float32 at full matmul precision, 1e-4). 'auto' uses Pallas only when this passes; a
     failure (compile error or mismatch) is logged and 'auto' falls back to XLA."""
     if "ok" in _SELF_CHECK:
         return _SELF_CHECK["ok"]
@@ -67,10 +67,11 @@ def pallas_self_check() -> bool:
 
         args = (q, kk, vv, r, u, vb, ks, qm, kw, vw, rt, u, vb, cache, zc, mv)
         argnums = (0, 1, 2, 3, 7, 8, 9, 10)
-        ref = jax.jit(jax.value_and_grad(lambda *a: loss(rel_attention_reference, lookahead_reference, *a),
-                                         argnums=argnums))(*args)
-        got = jax.jit(jax.value_and_grad(lambda *a: loss(rel_attention_pallas, lookahead_pallas, *a),
-                                         argnums=argnums))(*args)
+        with jax.default_matmul_precision("highest"):  # exact float32 on both paths (no TF32)
+            ref = jax.jit(jax.value_and_grad(
+                lambda *a: loss(rel_attention_reference, lookahead_reference, *a), argnums=argnums))(*args)
+            got = jax.jit(jax.value_and_grad(
+                lambda *a: loss(rel_attention_pallas, lookahead_pallas, *a), argnums=argnums))(*args)
         for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
             err = float(jnp.max(jnp.abs(x - y)) / jnp.maximum(1.0, jnp.max(jnp.abs(x))))
             if not err <= 1e-4:
