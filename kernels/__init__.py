@@ -11,6 +11,14 @@ single source of truth), the Pallas kernels and their ``custom_vjp`` wrapper
   ``KernelUnavailableError`` on CPU.
 * ``"pallas_interpret"``: the Pallas kernels in interpret mode (runs anywhere; slow; for tests).
 
+Sharded callers: a ``pallas_call`` is opaque to XLA's SPMD partitioner, which would gather its
+operands and run the whole batch on every device. When the caller traces under a mesh
+(``jax.sharding.use_abstract_mesh`` / ``jax.set_mesh``) and passes ``partition=Partition(batch
+mesh axes, head mesh axes)``, the dispatcher runs the kernel inside ``jax.shard_map``: each device
+computes its own batch rows and heads (the kernels are independent per row and head); the
+position table and biases are replicated and their gradients summed by shard_map's transpose.
+An axis that does not divide the batch (or the heads) is left out (replicated), never an error.
+
 Attention dropout: the kernels do not implement ``dropatt``. A call with ``dropatt > 0`` and a
 ``dropout_rng`` (training with attention dropout) falls back to the reference whatever ``impl``
 says; the paper's recipes use dropatt = 0, so the kernels cover them. See docs/kernels.md.
@@ -18,7 +26,12 @@ says; the paper's recipes use dropatt = 0, so the kernels cover them. See docs/k
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Optional, Sequence
+
 import jax
+from jax.sharding import PartitionSpec as P
 
 from kernels._relpos_flash import BlockSizes
 from kernels.lookahead import lookahead_pallas, lookahead_reference
@@ -27,7 +40,7 @@ from kernels.rel_attention import rel_attention_pallas, rel_attention_reference
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
-__all__ = ["BlockSizes", "IMPLS", "KernelUnavailableError", "lookahead", "lookahead_pallas",
+__all__ = ["BlockSizes", "IMPLS", "KernelUnavailableError", "Partition", "lookahead", "lookahead_pallas",
            "lookahead_reference", "rel_attention", "rel_attention_pallas",
            "rel_attention_reference", "resolve_impl"]
 
@@ -105,17 +118,64 @@ def _uses_attention_dropout(kwargs) -> bool:
     return kwargs.get("dropatt", 0.0) > 0.0 and kwargs.get("dropout_rng") is not None
 
 
-def rel_attention(impl: str, *args, **kwargs):
-    """``rel_attention_reference`` / ``rel_attention_pallas`` by ``impl`` (same arguments)."""
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """The mesh axes over which a sharded caller splits the batch and the heads dimension."""
+
+    batch_axes: Sequence[str] = ()
+    head_axes: Sequence[str] = ()
+
+
+# Layout of each positional argument / output: b = batch, h = heads, '.' = other (replicated).
+_REL_IN = ("b.h.", "b.h.", "b.h.", ".h.", "h.", "h.", "b")  # q k v r u vb key_start
+_LOOK_IN = ("b.h.", "b.h.", "b.h.", ".h.", "h.", "h.", "b.h.", "b.h", "b")  # ... cache cache_lse valid
+_OUT = ("b.h.", "b.h")  # (out | c) [B, rows, H, D], (lse | new_lse) [B, rows, H]
+
+
+def _usable_axes(mesh, names: Sequence[str], size: int) -> tuple:
+    """The axes of ``names`` present in the mesh (size > 1) whose product keeps dividing ``size``."""
+    used, prod = [], 1
+    for a in names:
+        n = mesh.shape.get(a, 1)
+        if n > 1 and size % (prod * n) == 0:
+            used.append(a)
+            prod *= n
+    return tuple(used)
+
+
+def _partitioned(fn, args, layouts_in, partition: Optional[Partition]):
+    """fn(*args), inside shard_map over the caller's mesh when there is one to split over."""
+    if partition is None:
+        return fn(*args)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return fn(*args)
+    b_axes = _usable_axes(mesh, partition.batch_axes, args[0].shape[0])
+    h_axes = _usable_axes(mesh, partition.head_axes, args[0].shape[2])
+    if not b_axes and not h_axes:
+        return fn(*args)
+    letter = {"b": b_axes or None, "h": h_axes or None, ".": None}
+    spec = lambda layout: P(*(letter[c] for c in layout))
+    # check_vma=False: pallas_call has no varying-manual-axes rule; the specs above are exact.
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(l) for l in layouts_in),
+                         out_specs=tuple(spec(l) for l in _OUT), check_vma=False)(*args)
+
+
+def rel_attention(impl: str, *args, partition: Optional[Partition] = None, **kwargs):
+    """``rel_attention_reference`` / ``rel_attention_pallas`` by ``impl`` (same arguments);
+    ``partition``: see the module docstring (used by the Pallas implementations)."""
     impl = resolve_impl(impl)
     if impl == "xla" or _uses_attention_dropout(kwargs):
         return rel_attention_reference(*args, **kwargs)
-    return rel_attention_pallas(*args, interpret=(impl == "pallas_interpret"), **kwargs)
+    fn = lambda *a: rel_attention_pallas(*a, interpret=(impl == "pallas_interpret"), **kwargs)
+    return _partitioned(fn, args, _REL_IN, partition)
 
 
-def lookahead(impl: str, *args, **kwargs):
-    """``lookahead_reference`` / ``lookahead_pallas`` by ``impl`` (same arguments)."""
+def lookahead(impl: str, *args, partition: Optional[Partition] = None, **kwargs):
+    """``lookahead_reference`` / ``lookahead_pallas`` by ``impl`` (same arguments);
+    ``partition``: see the module docstring (used by the Pallas implementations)."""
     impl = resolve_impl(impl)
     if impl == "xla" or _uses_attention_dropout(kwargs):
         return lookahead_reference(*args, **kwargs)
-    return lookahead_pallas(*args, interpret=(impl == "pallas_interpret"), **kwargs)
+    fn = lambda *a: lookahead_pallas(*a, interpret=(impl == "pallas_interpret"), **kwargs)
+    return _partitioned(fn, args, _LOOK_IN, partition)

@@ -24,6 +24,7 @@ from kernels.rel_attention import attention_mass_by_distance, rel_attention_prob
 from lamemo_jax.config import ModelConfig
 from lamemo_jax.embedding import AdaptiveEmbedding, AdaptiveSoftmax, normal_init
 from lamemo_jax.memory import LaMemoMemory, XLMemory, push, stat_dtype_of
+from lamemo_jax.sharding import kernel_partition
 
 Array = jax.Array
 
@@ -172,7 +173,8 @@ class DecoderLayer(nn.Module):
             analyse(q, k)
             a, _ = kernels.rel_attention(cfg.attention_impl, q, k, v, r_past, biases["u"], biases["v"],
                                          key_start, scale=scale, same_length=cfg.same_length,
-                                         dropatt=cfg.dropatt if train else 0.0, dropout_rng=dropatt_rng)
+                                         dropatt=cfg.dropatt if train else 0.0, dropout_rng=dropatt_rng,
+                                         partition=kernel_partition())
             out = attn_norm(h_cur + drop(o_net(a.reshape(b, n, hd))))
             return ff(out, train), None
 
@@ -184,7 +186,7 @@ class DecoderLayer(nn.Module):
                                            biases["v"], key_start, scale=scale,
                                            same_length=cfg.same_length,
                                            dropatt=cfg.dropatt if train else 0.0,
-                                           dropout_rng=dropatt_rng)
+                                           dropout_rng=dropatt_rng, partition=kernel_partition())
         h_cur = attn_norm(h_cur + drop(o_net(a.reshape(b, n, hd))))
         cache_attn, cache_lse = cache
         if mb > 0:
@@ -200,7 +202,8 @@ class DecoderLayer(nn.Module):
                 jax.lax.stop_gradient(cache_attn), jax.lax.stop_gradient(cache_lse), mem_length,
                 r_offset=r_offset, scale=scale, causal=causal, eps=cfg.lookahead_eps,
                 dropatt=cfg.dropatt if train else 0.0,
-                dropout_rng=self.make_rng("dropout") if dropatt_rng is not None else None)
+                dropout_rng=self.make_rng("dropout") if dropatt_rng is not None else None,
+                partition=kernel_partition())
             h_mem = attn_norm(h_mem + drop(o_net(c.reshape(b, mb, hd))))
         else:
             c, new_lse = cache_attn, cache_lse

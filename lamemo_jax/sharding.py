@@ -54,6 +54,27 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
+
+def kernel_partition():
+    """How the attention kernels split over the mesh (kernels.Partition): batch rows over the
+    'batch' rule's axes, heads over the 'heads' rule's. Used by the model; takes effect only when
+    the step is traced under a mesh (``with_mesh``) and a Pallas implementation runs."""
+    import kernels
+    return kernels.Partition(batch_axes=_RULES["batch"], head_axes=_RULES["heads"])
+
+
+def with_mesh(fn, mesh: Optional[Mesh]):
+    """``fn`` traced under ``mesh`` as the abstract context mesh (no-op for None), so that code
+    that needs the mesh at trace time (the Pallas kernels' shard_map) sees it."""
+    if mesh is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
 # parameter path regex (on "a/b/c") -> logical names of its dimensions; first match wins.
 # Fused projections are sharded along their whole output: qkv_net's [q | k | v] and kv_net's
 # [k | v] blocks are split by contiguous ranges, which is head-aligned only within each block
@@ -403,7 +424,7 @@ def aot_compile_train_step(exp, devices, mesh_cfg=None):
     args = (jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), abstract, sh),
             sds((tc.batch_size, cfg.tgt_len), jnp.int32, bsh), sds((tc.batch_size, cfg.tgt_len), jnp.int32, bsh),
             sds((tc.batch_size,), jnp.bool_, ssh))
-    step = jax.jit(make_train_step(cfg, tc, optimizer), in_shardings=(sh, bsh, bsh, ssh),
+    step = jax.jit(make_train_step(cfg, tc, optimizer, mesh), in_shardings=(sh, bsh, bsh, ssh),
                    out_shardings=(sh, replicated(mesh)), donate_argnums=(0,))
     return step.lower(*args).compile()
 

@@ -105,8 +105,12 @@ def merge_batch(tree, axes):
 
 
 # --------------------------------------------------------------------------- the step
-def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation):
+def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation,
+                    mesh=None):
     """(state, inputs [B,N], targets [B,N], start_of_sequence [B]) -> (state, metrics).
+
+    ``mesh``: the mesh the step is jitted for; the step is traced under it so that the Pallas
+    attention kernels run per device shard (shard_map) instead of on gathered operands.
 
     With ``grad_accum_steps = k`` the global batch is processed as k sequential chunks of B/k
     rows, each with its own rows of the memory (the original's ``batch_chunk``); the gradient is
@@ -159,7 +163,7 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.Gradient
                    "finite": finite}
         return new_state, metrics
 
-    return step_fn
+    return shard_lib.with_mesh(step_fn, mesh)
 
 
 def init_train_state(cfg: ModelConfig, tc: TrainConfig, optimizer, batch_size: int) -> TrainState:
@@ -333,7 +337,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             state, _, step = restored
             logging.info("resumed from %s (step %d)", ckpt.step_dir(step), step)
     start = int(state.step)
-    step_fn = jax.jit(make_train_step(cfg, tc, optimizer), donate_argnums=(0,),  # state + memory
+    step_fn = jax.jit(make_train_step(cfg, tc, optimizer, mesh), donate_argnums=(0,),  # state + memory
                       in_shardings=(state_sh, batch_sh, batch_sh, sos_sh),
                       out_shardings=(state_sh, shard_lib.replicated(mesh)))
     place = lambda x, sh: shard_lib.global_array(x, sh, (tc.batch_size,) + x.shape[1:], rows)

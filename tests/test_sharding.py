@@ -104,6 +104,72 @@ def _parity(memory: str) -> dict:
     return out
 
 
+def _pallas_sharded() -> dict:
+    """The Pallas kernels (interpret mode) in a sharded LaMemo step: two steps on meshes 2x2x2 and
+    2x1x4 (heads not divisible by tensor=4) vs the single-device XLA step, and the batch / heads
+    each kernel call sees inside its shard_map (local shapes, not the gathered global ones)."""
+    import jax
+    from lamemo_jax import sharding as sl
+    from lamemo_jax.experiment import MeshConfig, TrainConfig
+    from lamemo_jax.trainer import init_sharded_train_state, make_optimizer, make_train_step
+
+    base = _tiny_model("lamemo").replace(dropatt=0.0)  # the kernels have no attention dropout
+    tc = TrainConfig(batch_size=8, num_steps=10, learning_rate=3e-3, schedule="constant", clip=1.0)
+    opt = make_optimizer(tc)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 32, (8, 8)).astype(np.int32), rng.integers(0, 32, (8, 8)).astype(np.int32),
+                np.full((8,), s == 0)) for s in range(2)]
+
+    def kernel_local_shapes(jaxpr):
+        """(batch, heads) of the first 4-D operand ([B, H, rows, D] in the kernels' layout) of
+        every pallas_call; ``None`` marks a pallas_call outside any shard_map."""
+        found = []
+
+        def walk(j, inside):
+            for e in j.eqns:
+                if e.primitive.name == "pallas_call":
+                    four = [v.aval.shape for v in e.invars if len(getattr(v.aval, "shape", ())) == 4]
+                    found.append(tuple(int(x) for x in four[0][:2]) if inside else None)
+                for v in e.params.values():
+                    for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                        inner = getattr(sub, "jaxpr", sub)
+                        if hasattr(inner, "eqns"):
+                            walk(inner, inside or e.primitive.name == "shard_map")
+        walk(jaxpr.jaxpr, False)
+        return sorted(set(found), key=str)
+
+    def run(impl, shape, devices, initial=None):
+        cfg = base.replace(attention_impl=impl)
+        mesh = sl.make_mesh(MeshConfig(*shape), devices)
+        if initial is None:
+            state, sh = init_sharded_train_state(cfg, tc, opt, 8, mesh)
+        else:
+            sh = sl.state_shardings(initial, mesh)
+            state = jax.device_put(initial, sh)
+        init = jax.tree.map(np.asarray, state)
+        bsh, ssh = sl.batch_sharding(mesh, (8, 8)), sl.batch_sharding(mesh, (8,))
+        fn = make_train_step(cfg, tc, opt, mesh)
+        step = jax.jit(fn, in_shardings=(sh, bsh, bsh, ssh), out_shardings=(sh, sl.replicated(mesh)))
+        place = lambda a, shd: sl.global_array(a, shd, a.shape, (0, 1))
+        x0 = [place(a, s) for a, s in zip(batches[0], (bsh, bsh, ssh))]
+        local = kernel_local_shapes(jax.make_jaxpr(fn)(state, *x0))
+        losses = []
+        for x, y, s in batches:
+            state, m = step(state, place(x, bsh), place(y, bsh), place(s, ssh))
+            losses.append(float(m["loss"]))
+        return losses, jax.tree.map(np.asarray, state.params), init, local
+
+    devices = jax.devices()
+    ref_loss, ref_params, init, _ = run("xla", (1, 1, 1), devices[:1])
+    out = {"ref_loss": ref_loss}
+    for name in ("2x2x2", "2x1x4"):
+        loss, params, _, local = run("pallas_interpret", MESHES[name], devices, init)
+        out[name] = {"loss": loss, "local_batch_heads": local,
+                     "param_diff": max(float(np.max(np.abs(a - b)))
+                                       for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))}
+    return out
+
+
 def _checkpoint_across_meshes(out_dir: str) -> dict:
     """Train 6 steps on mesh 8x1x1; train 3 steps on 2x2x2, resume on 2x4x1 to step 6."""
     import jax
@@ -246,6 +312,9 @@ def _worker_eight_devices(out_dir: str) -> None:
     res = {"parity": {m: _parity(m) for m in ("lamemo", "xl")}}
     res["parity_seconds"] = time.time() - t0
     t0 = time.time()
+    res["pallas"] = _pallas_sharded()
+    res["pallas_seconds"] = time.time() - t0
+    t0 = time.time()
     res["checkpoint"] = _checkpoint_across_meshes(out_dir)
     res["checkpoint_seconds"] = time.time() - t0
     res["warnings"] = warnings
@@ -365,6 +434,19 @@ def test_sharded_step_equals_single_device(eight, memory, mesh):
     np.testing.assert_allclose(got["loss"], r["ref_loss"], rtol=0, atol=TOL)
     assert got["param_diff"] <= TOL, got["param_diff"]
     assert got["memory_diff"] <= TOL, got["memory_diff"]
+
+
+@pytest.mark.parametrize("mesh,local", [("2x2x2", [[2, 1]]), ("2x1x4", [[4, 2]])])
+def test_pallas_kernels_run_per_shard(eight, mesh, local):
+    """With a mesh, each Pallas kernel call runs inside shard_map on its device's rows and heads:
+    mesh 2x2x2 splits batch 8 over data x fsdp (2 rows each) and 2 heads over tensor (1 each);
+    on 2x1x4 tensor=4 does not divide 2 heads, so heads stay whole (4 rows each, 2 heads). The
+    sharded steps equal the single-device XLA step."""
+    r = eight["pallas"]
+    got = r[mesh]
+    assert got["local_batch_heads"] == local, got["local_batch_heads"]
+    np.testing.assert_allclose(got["loss"], r["ref_loss"], rtol=0, atol=TOL)
+    assert got["param_diff"] <= TOL, got["param_diff"]
 
 
 def test_sharding_rules_are_applied(eight):
