@@ -6,6 +6,8 @@ Command:
     python eval.py --workdir=runs/wt103 --split=test
 Data: the real WikiText-103 (`wiki.{train,valid,test}.tokens`): downloaded when the internet is
 there, else put the three files in --config.data.manual_dir.
+Memory: add --config.model.softmax_chunk=2048 to compute the 267,735-word softmax loss in token
+chunks (no 10 GB [tokens, vocab] float32 arrays; same loss; GPU speed effect not yet measured).
 Hardware: the original used 2 GPUs (2 processes x batch 32) with apex fp16; here one process with
 the global batch 64 (64 disjoint row-streams: a documented approximation of 2 x 32 streams over
 the whole corpus), float32 (bf16 via --config.model.dtype=bfloat16).

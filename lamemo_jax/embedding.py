@@ -12,12 +12,14 @@ The embedding is multiplied by sqrt(d_model) after the projection.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lamemo_jax.config import ModelConfig
 
@@ -152,5 +154,90 @@ class AdaptiveSoftmax(nn.Module):
         return jnp.concatenate(parts, axis=-1)
 
     def nll(self, h: Array, targets: Array, emb_tables, emb_projs) -> Array:
+        cfg = self.cfg
+        if cfg.softmax_chunk and not cfg.n_clusters:
+            w, b, proj = self._cluster_params(emb_tables, emb_projs)[0]
+            x = h if proj is None else h @ proj.astype(h.dtype)
+            nll = softmax_cross_entropy_chunked(x.reshape(-1, x.shape[-1]), w.astype(h.dtype), b,
+                                                targets.reshape(-1), cfg.softmax_chunk)
+            return nll.reshape(targets.shape)
         lp = self.log_probs(h, emb_tables, emb_projs)
         return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+
+
+# ------------------------------------------------------------------ fused cross-entropy
+def softmax_cross_entropy_chunked(x, w, b, targets, chunk: int):
+    """-log softmax(x @ w^T + b)[target] per row, computed over row chunks of ``chunk`` tokens:
+    never more than [chunk, V] logits at once (forward or backward), statistics in float32 (or
+    float64), backward matmuls in x's dtype with float32 accumulation.
+
+    x [T, d] (compute dtype), w [V, d] (same dtype), b [V], targets [T] int -> nll [T] (stat dtype).
+    """
+    return _chunked_ce(max(1, min(int(chunk), x.shape[0])), x, w, b, targets)
+
+
+def _pad_rows(a, t_pad):
+    return jnp.pad(a, [(0, t_pad - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+
+
+def _stat_dtype(x):
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _chunk_logits(xc, w, b, sdt):
+    return jnp.einsum("td,vd->tv", xc, w, preferred_element_type=sdt) + b.astype(sdt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_ce(chunk, x, w, b, targets):
+    return _fwd(chunk, x, w, b, targets)[0]
+
+
+def _fwd(chunk, x, w, b, targets):
+    t = x.shape[0]
+    sdt = _stat_dtype(x)
+    n = -(-t // chunk)
+    xp = _pad_rows(x, n * chunk).reshape(n, chunk, -1)
+    tp = _pad_rows(targets, n * chunk).reshape(n, chunk)
+
+    def one(args):
+        xc, tc = args
+        logits = _chunk_logits(xc, w, b, sdt)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return lse - tgt, lse
+
+    nll, lse = lax.map(one, (xp, tp))
+    nll, lse = nll.reshape(-1)[:t], lse.reshape(-1)[:t]
+    return nll, (x, w, b, targets, lse)
+
+
+def _bwd(chunk, res, g):
+    x, w, b, targets, lse = res
+    t = x.shape[0]
+    sdt = _stat_dtype(x)
+    n = -(-t // chunk)
+    xp = _pad_rows(x, n * chunk).reshape(n, chunk, -1)
+    tp = _pad_rows(targets, n * chunk).reshape(n, chunk)
+    lp = _pad_rows(lse, n * chunk).reshape(n, chunk)
+    gp = _pad_rows(g.astype(sdt), n * chunk).reshape(n, chunk)  # padded rows: g = 0
+
+    def body(carry, args):
+        dw, db = carry
+        xc, tc, lc, gc = args
+        p = jnp.exp(_chunk_logits(xc, w, b, sdt) - lc[:, None])
+        p = p - jax.nn.one_hot(tc, p.shape[-1], dtype=sdt)
+        dlogits = p * gc[:, None]  # [chunk, V], stat dtype
+        dl = dlogits.astype(x.dtype)
+        dx = jnp.einsum("tv,vd->td", dl, w, preferred_element_type=sdt).astype(x.dtype)
+        dw = dw + jnp.einsum("tv,td->vd", dl, xc, preferred_element_type=sdt)
+        db = db + jnp.sum(dlogits, axis=0)
+        return (dw, db), dx
+
+    init = (jnp.zeros(w.shape, sdt), jnp.zeros(b.shape, sdt))
+    (dw, db), dx = lax.scan(body, init, (xp, tp, lp, gp))
+    dx = dx.reshape(n * chunk, -1)[:t]
+    return dx, dw.astype(w.dtype), db.astype(b.dtype), None
+
+
+_chunked_ce.defvjp(_fwd, _bwd)
