@@ -12,12 +12,14 @@
 #   kernel_bench  python -m benchmarks.kernels (Pallas vs XLA: time, memory, error) -> kernels.json
 #   throughput    the paper config in bf16, LaMemo and Transformer-XL, Pallas and XLA attention:
 #                 tokens/s and MFU -> tp/throughput.json
+#   throughput_chunked  the same LaMemo step with the fused chunked cross-entropy
+#                 (model.softmax_chunk=2048) -> tpc/throughput.json
 # Results are recorded in docs/benchmarks.md.
 set -u
 OUT=${1:?usage: $0 OUTDIR [config] [steps]}
 CONFIG=${2:-configs/wt103.py}
 STEPS=${3:-10}
-mkdir -p "$OUT/tp"
+mkdir -p "$OUT/tp" "$OUT/tpc"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -25,6 +27,7 @@ LIMIT_ENV=${LIMIT_ENV:-90}
 LIMIT_TESTS=${LIMIT_TESTS:-150}
 LIMIT_BENCH=${LIMIT_BENCH:-110}
 LIMIT_TP=${LIMIT_TP:-200}
+LIMIT_TPC=${LIMIT_TPC:-90}
 
 stage() {
   local name=$1 limit=$2 start rc
@@ -48,3 +51,5 @@ stage kernel_tests "$LIMIT_TESTS" env LAMEMO_KERNELS_COMPILED=1 "$PY" -m pytest 
 stage kernel_bench "$LIMIT_BENCH" "$PY" -m benchmarks.kernels --iters 20 --json "$OUT/kernels.json"
 stage throughput "$LIMIT_TP" "$PY" -m benchmarks.throughput --config="$CONFIG" --dtype=bfloat16 \
   --memories=lamemo,xl --attention_impls=pallas,xla --steps="$STEPS" --no_eval --out="$OUT/tp"
+stage throughput_chunked "$LIMIT_TPC" "$PY" -m benchmarks.throughput --config="$CONFIG" --dtype=bfloat16 \
+  --memories=lamemo --attention_impls=xla --set softmax_chunk=2048 --steps="$STEPS" --no_eval --out="$OUT/tpc"
