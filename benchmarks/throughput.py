@@ -24,6 +24,7 @@ Exit status 1 if a target fails (2 on bad flags).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -44,8 +45,9 @@ ORIGINAL_LAMEMO_MS = {64: 53.0, 128: 91.0, 256: 136.0, 512: 307.0}
 ORIGINAL_XL_MS = {64: 31.0, 128: 37.0, 256: 49.0, 512: 70.0}
 
 
+@functools.lru_cache(maxsize=None)
 def load_config_file(path: str):
-    """The ExperimentConfig of a configs/*.py file (its get_config())."""
+    """The ExperimentConfig of a configs/*.py file (its get_config()); read once per path."""
     import importlib.util
     from lamemo_jax.experiment import ExperimentConfig
     spec = importlib.util.spec_from_file_location("_bench_config", path)

@@ -132,13 +132,11 @@ class AdaptiveSoftmax(nn.Module):
     def log_probs(self, h: Array, emb_tables, emb_projs) -> Array:
         """Full log-probabilities [..., n_token] in the stat dtype (float32 or float64)."""
         cfg = self.cfg
-        sdt = jnp.promote_types(h.dtype, jnp.float32)
         params = self._cluster_params(emb_tables, emb_projs)
 
         def logits(w, b, proj):
             x = h if proj is None else h @ proj.astype(h.dtype)
-            return (jnp.einsum("...d,vd->...v", x, w.astype(h.dtype), preferred_element_type=sdt)
-                    + b.astype(sdt))
+            return _logits(x, w.astype(h.dtype), b)
 
         if not cfg.n_clusters:
             return jax.nn.log_softmax(logits(*params[0]), axis=-1)
@@ -176,16 +174,21 @@ def softmax_cross_entropy_chunked(x, w, b, targets, chunk: int):
     return _chunked_ce(max(1, min(int(chunk), x.shape[0])), x, w, b, targets)
 
 
-def _pad_rows(a, t_pad):
-    return jnp.pad(a, [(0, t_pad - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+def _logits(x, w, b):
+    """x [..., d] @ w[V, d]^T + b in the stat dtype (float32, or float64 for float64 inputs)."""
+    sdt = _stat_dtype(x)
+    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=sdt) + b.astype(sdt)
 
 
 def _stat_dtype(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _chunk_logits(xc, w, b, sdt):
-    return jnp.einsum("td,vd->tv", xc, w, preferred_element_type=sdt) + b.astype(sdt)
+def _chunked(chunk: int, *arrays):
+    """Each [T, ...] array zero-padded to a multiple of ``chunk`` rows -> [T/chunk, chunk, ...]."""
+    n = -(-arrays[0].shape[0] // chunk)
+    return tuple(jnp.pad(a, [(0, n * chunk - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+                 .reshape((n, chunk) + a.shape[1:]) for a in arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -195,19 +198,15 @@ def _chunked_ce(chunk, x, w, b, targets):
 
 def _fwd(chunk, x, w, b, targets):
     t = x.shape[0]
-    sdt = _stat_dtype(x)
-    n = -(-t // chunk)
-    xp = _pad_rows(x, n * chunk).reshape(n, chunk, -1)
-    tp = _pad_rows(targets, n * chunk).reshape(n, chunk)
 
     def one(args):
         xc, tc = args
-        logits = _chunk_logits(xc, w, b, sdt)
+        logits = _logits(xc, w, b)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return lse - tgt, lse
 
-    nll, lse = lax.map(one, (xp, tp))
+    nll, lse = lax.map(one, _chunked(chunk, x, targets))
     nll, lse = nll.reshape(-1)[:t], lse.reshape(-1)[:t]
     return nll, (x, w, b, targets, lse)
 
@@ -216,16 +215,11 @@ def _bwd(chunk, res, g):
     x, w, b, targets, lse = res
     t = x.shape[0]
     sdt = _stat_dtype(x)
-    n = -(-t // chunk)
-    xp = _pad_rows(x, n * chunk).reshape(n, chunk, -1)
-    tp = _pad_rows(targets, n * chunk).reshape(n, chunk)
-    lp = _pad_rows(lse, n * chunk).reshape(n, chunk)
-    gp = _pad_rows(g.astype(sdt), n * chunk).reshape(n, chunk)  # padded rows: g = 0
 
     def body(carry, args):
         dw, db = carry
         xc, tc, lc, gc = args
-        p = jnp.exp(_chunk_logits(xc, w, b, sdt) - lc[:, None])
+        p = jnp.exp(_logits(xc, w, b) - lc[:, None])
         p = p - jax.nn.one_hot(tc, p.shape[-1], dtype=sdt)
         dlogits = p * gc[:, None]  # [chunk, V], stat dtype
         dl = dlogits.astype(x.dtype)
@@ -235,8 +229,9 @@ def _bwd(chunk, res, g):
         return (dw, db), dx
 
     init = (jnp.zeros(w.shape, sdt), jnp.zeros(b.shape, sdt))
-    (dw, db), dx = lax.scan(body, init, (xp, tp, lp, gp))
-    dx = dx.reshape(n * chunk, -1)[:t]
+    # padded rows carry g = 0, so they add nothing to dw / db
+    (dw, db), dx = lax.scan(body, init, _chunked(chunk, x, targets, lse, g.astype(sdt)))
+    dx = dx.reshape(-1, x.shape[1])[:t]
     return dx, dw.astype(w.dtype), db.astype(b.dtype), None
 
 

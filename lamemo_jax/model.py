@@ -154,6 +154,7 @@ class DecoderLayer(nn.Module):
         key_start = mb - mem_length
         drop = lambda x: dropout(self, x, cfg.dropout, train)
         dropatt_rng = self.make_rng("dropout") if (train and cfg.dropatt > 0) else None
+        partition = kernel_partition()  # per-shard kernels when traced under a mesh
 
         r_all = split(Dense(cfg, hd, name="r_net")(pos_emb))  # [K(+Mb), H, Dh]
         r_past = r_all[:k_len]
@@ -174,7 +175,7 @@ class DecoderLayer(nn.Module):
             a, _ = kernels.rel_attention(cfg.attention_impl, q, k, v, r_past, biases["u"], biases["v"],
                                          key_start, scale=scale, same_length=cfg.same_length,
                                          dropatt=cfg.dropatt if train else 0.0, dropout_rng=dropatt_rng,
-                                         partition=kernel_partition())
+                                         partition=partition)
             out = attn_norm(h_cur + drop(o_net(a.reshape(b, n, hd))))
             return ff(out, train), None
 
@@ -186,7 +187,7 @@ class DecoderLayer(nn.Module):
                                            biases["v"], key_start, scale=scale,
                                            same_length=cfg.same_length,
                                            dropatt=cfg.dropatt if train else 0.0,
-                                           dropout_rng=dropatt_rng, partition=kernel_partition())
+                                           dropout_rng=dropatt_rng, partition=partition)
         h_cur = attn_norm(h_cur + drop(o_net(a.reshape(b, n, hd))))
         cache_attn, cache_lse = cache
         if mb > 0:
@@ -203,7 +204,7 @@ class DecoderLayer(nn.Module):
                 r_offset=r_offset, scale=scale, causal=causal, eps=cfg.lookahead_eps,
                 dropatt=cfg.dropatt if train else 0.0,
                 dropout_rng=self.make_rng("dropout") if dropatt_rng is not None else None,
-                partition=kernel_partition())
+                partition=partition)
             h_mem = attn_norm(h_mem + drop(o_net(c.reshape(b, mb, hd))))
         else:
             c, new_lse = cache_attn, cache_lse
