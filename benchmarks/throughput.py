@@ -169,6 +169,11 @@ def main(argv=None) -> int:
         args.no_targets = True
     mem_lens = [int(m) for m in args.mem_lens.split(",")]
     memories = args.memories.split(",")
+    try:  # bad --set / --memories / --dtype values fail here, naming the field, before any timing
+        for memory in memories:
+            base_config(args, memory, mem_lens[0], impls[0])
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     peak = device_peak_flops()
     rows = []
