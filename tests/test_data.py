@@ -142,6 +142,18 @@ def test_wikitext103_sample_files(tmp_path):
     assert ds.vocab.id_to_token(2) == "b"
 
 
+def test_building_a_dataset_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    """tfds looks every unprepared builder up on its GCS bucket through an empty mkdtemp folder
+    that it never removes; our builders skip that lookup (they are never published there)."""
+    import tempfile
+    _write_wikitext(tmp_path / "manual")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    _load(tmp_path, name="wikitext103", manual_dir=str(tmp_path / "manual")).split("train")
+    assert sorted(p.name for p in tmp.iterdir()) == []
+
+
 def test_wikitext103_from_zip_and_the_cache_is_reused(tmp_path, monkeypatch):
     _write_wikitext(tmp_path / "files")
     manual = tmp_path / "manual"

@@ -85,6 +85,15 @@ def _array_chunks(arr: np.ndarray) -> ChunkFn:
     return lambda: (arr[i: i + corpora.CHUNK_TOKENS] for i in range(0, len(arr), corpora.CHUNK_TOKENS))
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """Our datasets are built locally, never published on the TFDS GCS bucket: tfds's lookup there
+    (for every builder of a not-yet-prepared dataset) would try the network and leave an empty
+    ``/tmp/tmp*tfds`` directory behind each time."""
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class LmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base: subclasses implement ``_prepare`` (vocabulary + token chunks per split)."""
 
@@ -109,7 +118,7 @@ class LmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
             features=tfds.features.FeaturesDict({
