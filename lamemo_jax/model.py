@@ -21,6 +21,7 @@ import numpy as np
 
 import kernels
 from kernels.rel_attention import attention_mass_by_distance, rel_attention_probs
+from lamemo_jax import prng
 from lamemo_jax.config import ModelConfig
 from lamemo_jax.embedding import AdaptiveEmbedding, AdaptiveSoftmax, normal_init
 from lamemo_jax.memory import LaMemoMemory, XLMemory, push, stat_dtype_of
@@ -63,7 +64,7 @@ def dropout(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
     """Inverted dropout with a fresh mask from the module's 'dropout' RNG stream."""
     if not train or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    keep = prng.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)  # = jax.random.bernoulli
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 

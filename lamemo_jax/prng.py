@@ -1,0 +1,80 @@
+"""Dropout masks that are bit-for-bit ``jax.random.bernoulli``, without its CPU loop overhead.
+
+jax lowers the threefry2x32 hash on CPU as a rolled 5-iteration ``while`` loop (to keep compile
+times short). XLA:CPU runs every iteration as separate thunks with copies of the loop state, so a
+mask costs ~1.3 ms of fixed overhead whatever its size: about a quarter of a small model's training
+step (the 2-layer d128 benchmark config draws 7 masks per layer pass; profile in
+docs/benchmarks.md). ``bernoulli`` below writes the same hash unrolled in plain ``jnp`` ops, which
+XLA fuses into one elementwise loop, and builds the uniform floats exactly as
+``jax.random.uniform`` does. The result is identical to ``jax.random.bernoulli(key, p, shape)``
+(tested bit for bit) whenever that function would use the partitionable threefry path, which is
+jax's default; for any other key implementation or setting it simply calls jax.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _rotl(x, d: int):
+    return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
+
+
+def threefry2x32(k1, k2, x1, x2):
+    """The Threefry-2x32 block cipher (20 rounds), unrolled; uint32 in, (uint32, uint32) out."""
+    ks = (k1, k2, k1 ^ k2 ^ _PARITY)
+    x1 = x1 + ks[0]
+    x2 = x2 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = _rotl(x2, r)
+            x2 = x1 ^ x2
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x1, x2
+
+
+def _threefry_key_words(key):
+    """(k1, k2) uint32 scalars of a threefry key (typed or raw), or None for other keys."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != () or str(jax.random.key_impl(key)) != "threefry2x32":
+            return None
+        words = jax.random.key_data(key)
+    elif key.dtype == jnp.uint32 and key.shape == (2,) and jax.config.jax_default_prng_impl == "threefry2x32":
+        words = key
+    else:
+        return None
+    return words[0], words[1]
+
+
+def bernoulli(key, p: float, shape: Sequence[int]) -> jax.Array:
+    """Boolean [shape] with P(True) = p: equal to ``jax.random.bernoulli(key, p, shape)``."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    dtype = jnp.dtype(lax.dtype(p))  # as jax: float32, or float64 under jax_enable_x64
+    words = _threefry_key_words(key)
+    if (words is None or not jax.config.jax_threefry_partitionable or n == 0 or n >= 2**32
+            or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))):
+        return jax.random.bernoulli(key, p, shape)
+    # the partitionable counters: the row-major flat index as (high, low) 32-bit words
+    lo = lax.iota(np.uint32, n).reshape(shape)
+    b1, b2 = threefry2x32(words[0], words[1], jnp.zeros(shape, np.uint32), lo)
+    finfo = jnp.finfo(dtype)
+    if dtype == jnp.float32:
+        bits, one = b1 ^ b2, np.array(1.0, np.float32).view(np.uint32)
+    else:
+        bits = (b1.astype(np.uint64) << np.uint64(32)) | b2.astype(np.uint64)
+        one = np.array(1.0, np.float64).view(np.uint64)
+    ubits = bits >> np.array(finfo.bits - finfo.nmant, bits.dtype)
+    u = lax.bitcast_convert_type(ubits | one, dtype) - jnp.array(1.0, dtype)
+    return jnp.maximum(jnp.array(0.0, dtype), u) < jnp.asarray(p, dtype)

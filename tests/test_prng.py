@@ -1,0 +1,57 @@
+"""lamemo_jax.prng.bernoulli: bit-for-bit jax.random.bernoulli, without the CPU while loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lamemo_jax import prng
+
+SHAPES = [(), (1,), (3, 5), (1000,), (8, 64, 128), (2, 3, 4, 5), (0, 4)]
+
+
+PROBS = [0.0, 0.1, 0.5, 0.9, 1.0, np.float32(0.9), np.float32(0.3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_equals_jax_bernoulli_bit_for_bit(shape):
+    keys = (jax.random.key(0), jax.random.fold_in(jax.random.key(123), 7), jax.random.PRNGKey(5),
+            jax.random.split(jax.random.PRNGKey(9))[1])
+    ours = jax.jit(lambda *ks: [[prng.bernoulli(k, p, shape) for p in PROBS] for k in ks])(*keys)
+    for key, row in zip(keys, ours):
+        for p, a in zip(PROBS, row):
+            ref = jax.random.bernoulli(key, p, shape)
+            assert a.dtype == ref.dtype == jnp.bool_ and a.shape == ref.shape == shape
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(ref), err_msg=f"p={p!r}")
+
+
+def test_float32_and_float64_probabilities_take_their_own_bits():
+    # x64 is on in the test session: a Python float p is float64 (64 random bits per draw, as jax)
+    key = jax.random.key(1)
+    assert jax.config.jax_enable_x64
+    a64 = prng.bernoulli(key, 0.5, (4096,))
+    a32 = prng.bernoulli(key, np.float32(0.5), (4096,))
+    np.testing.assert_array_equal(a64, jax.random.bernoulli(key, 0.5, (4096,)))
+    np.testing.assert_array_equal(a32, jax.random.bernoulli(key, np.float32(0.5), (4096,)))
+    assert (np.asarray(a64) != np.asarray(a32)).any()
+
+
+def test_rate_is_right():
+    keep = np.asarray(prng.bernoulli(jax.random.key(2), np.float32(0.9), (512, 1024)))
+    n = keep.size
+    assert abs(keep.mean() - 0.9) < 5 * np.sqrt(0.09 / n)
+
+
+def test_other_key_implementations_fall_back_to_jax():
+    key = jax.random.key(4, impl="rbg")
+    np.testing.assert_array_equal(prng.bernoulli(key, 0.7, (33, 7)),
+                                  jax.random.bernoulli(key, 0.7, (33, 7)))
+
+
+def test_no_while_loop_on_cpu():
+    """The point of the module: jax's CPU lowering of threefry is a rolled while loop."""
+    key = jax.random.key(0)
+    hlo = jax.jit(lambda k: prng.bernoulli(k, np.float32(0.9), (8, 128, 512))).lower(key).as_text()
+    assert "while" not in hlo
+    ref = jax.jit(lambda k: jax.random.bernoulli(k, np.float32(0.9), (8, 128, 512))).lower(key)
+    assert "while" in ref.as_text() or jax.default_backend() != "cpu"
