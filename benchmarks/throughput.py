@@ -9,7 +9,8 @@ With ``--config`` the model (and the default batch and mem_len) come from a conf
 instead of the flags; ``--memories`` still switches lamemo / xl and ``--dtype`` the compute dtype.
 
 For each (memory, mem_len): the median step time over ``--steps`` training steps after compile
-(Adam, dropout 0.1), evaluation tokens/s, model FLOPs per step (lamemo_jax.flops), achieved
+(Adam, dropout 0.1; the variants of one mem_len run their steps in interleaved rounds, so a slow
+phase of a shared machine slows them alike and their ratios hold), evaluation tokens/s, model FLOPs per step (lamemo_jax.flops), achieved
 FLOP/s (and MFU on a known accelerator) and peak host memory. Writes ``throughput.json`` and
 ``throughput.png`` (step time vs mem_len), prints a table, and checks the targets in one run
 (ratios only, since these shared machines are noisy):
@@ -87,24 +88,46 @@ def _base_config(args, memory: str, mem_len: int, impl: str) -> ModelConfig:
                        attention_impl=impl)
 
 
-def time_train(cfg: ModelConfig, batch: int, steps: int):
-    tc = TrainConfig(batch_size=batch, learning_rate=2.5e-4, clip=0.25, num_steps=10**6)
-    opt = make_optimizer(tc)
-    state = init_train_state(cfg, tc, opt, batch)
-    step = jax.jit(make_train_step(cfg, tc, opt), donate_argnums=(0,))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.integers(0, cfg.n_token, (batch, cfg.tgt_len)), jnp.int32)
-    sos = jnp.zeros((batch,), bool)
-    for _ in range(cfg.mem_len // cfg.tgt_len + 2):  # compile, then fill the memory
-        state, m = step(state, x, x, sos)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = step(state, x, x, sos)
+class TrainTimer:
+    """One variant's jitted train step, compiled and with its memory filled, timed one step at a time."""
+
+    def __init__(self, cfg: ModelConfig, batch: int):
+        tc = TrainConfig(batch_size=batch, learning_rate=2.5e-4, clip=0.25, num_steps=10**6)
+        opt = make_optimizer(tc)
+        self.state = init_train_state(cfg, tc, opt, batch)
+        self.step = jax.jit(make_train_step(cfg, tc, opt), donate_argnums=(0,))
+        rng = np.random.default_rng(0)
+        self.x = jnp.asarray(rng.integers(0, cfg.n_token, (batch, cfg.tgt_len)), jnp.int32)
+        self.sos = jnp.zeros((batch,), bool)
+        self.times = []
+        for _ in range(cfg.mem_len // cfg.tgt_len + 2):  # compile, then fill the memory
+            self.state, m = self.step(self.state, self.x, self.x, self.sos)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
+
+    def time_one(self) -> None:
+        t = time.perf_counter()
+        self.state, m = self.step(self.state, self.x, self.x, self.sos)
+        jax.block_until_ready(m)
+        self.times.append(time.perf_counter() - t)
+
+    def summary(self):
+        """(median, 10th, 90th percentile) seconds per step."""
+        return (float(np.median(self.times)), float(np.percentile(self.times, 10)),
+                float(np.percentile(self.times, 90)))
+
+
+def time_train(cfg: ModelConfig, batch: int, steps: int):
+    return time_interleaved([cfg], batch, steps)[0]
+
+
+def time_interleaved(cfgs, batch: int, steps: int):
+    """Times the variants' steps in interleaved rounds (A B C, A B C, ...): a slow phase of a
+    shared machine then hits every variant alike, so their time ratios stay meaningful."""
+    timers = [TrainTimer(c, batch) for c in cfgs]
+    for _ in range(steps):
+        for t in timers:
+            t.time_one()
+    return [t.summary() for t in timers]
 
 
 def device_peak_mb():
@@ -182,34 +205,41 @@ def main(argv=None) -> int:
           f"ff{args.d_inner} vocab {args.n_token}, {args.dtype}"
           + (f", overrides {parse_overrides(args.set)}" if args.set else ""), flush=True)
     for m in mem_lens:
-        for memory in memories:
-            for impl in impls:
-                cfg = base_config(args, memory, m, impl)
-                head = {"memory": memory, "mem_len": m, "attention_impl": impl,
-                        "overrides": parse_overrides(args.set)}
-                try:
-                    med, p10, p90 = time_train(cfg, args.batch, args.steps)
-                    eval_tps = None if args.no_eval else time_eval(cfg, args.batch)
-                except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-                    rows.append({**head, "error": f"{type(e).__name__}: {str(e)[:400]}"})
-                    print(f"  {memory:6s} mem_len {m:5d} {impl}: ERROR {rows[-1]['error']}", flush=True)
-                    continue
-                flops = train_step_flops(cfg, args.batch)
-                row = {**head, "step_ms": med * 1e3, "step_ms_p10": p10 * 1e3,
-                       "step_ms_p90": p90 * 1e3, "train_tokens_per_sec": args.batch * args.tgt_len / med,
-                       "eval_tokens_per_sec": eval_tps, "train_flops_per_step": flops,
-                       "eval_flops_per_token": forward_flops(cfg, 1) / args.tgt_len,
-                       "achieved_tflops": flops / med / 1e12,
-                       "mfu": (flops / med / peak) if peak else None,
-                       "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       "device_peak_mb": device_peak_mb()}
-                rows.append(row)
-                mfu = f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-                ev = f"  eval {eval_tps:8.0f} tok/s" if eval_tps is not None else ""
-                print(f"  {memory:6s} mem_len {m:5d} {impl}: {row['step_ms']:8.1f} ms/step "
-                      f"(p10 {row['step_ms_p10']:.1f}, p90 {row['step_ms_p90']:.1f})  "
-                      f"train {row['train_tokens_per_sec']:8.0f} tok/s{ev}  "
-                      f"{flops / 1e9:6.2f} GFLOP/step  {row['achieved_tflops']:.1f} TFLOP/s{mfu}", flush=True)
+        variants = [(memory, impl) for memory in memories for impl in impls]
+        timed = {}
+        try:  # all variants of one mem_len in interleaved rounds
+            timed = dict(zip(variants, time_interleaved([base_config(args, mem, m, impl)
+                                                         for mem, impl in variants],
+                                                        args.batch, args.steps)))
+        except Exception:  # noqa: BLE001 - then one at a time, so that one failure hides nothing
+            pass
+        for memory, impl in variants:
+            cfg = base_config(args, memory, m, impl)
+            head = {"memory": memory, "mem_len": m, "attention_impl": impl,
+                    "overrides": parse_overrides(args.set)}
+            try:
+                med, p10, p90 = timed.get((memory, impl)) or time_train(cfg, args.batch, args.steps)
+                eval_tps = None if args.no_eval else time_eval(cfg, args.batch)
+            except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+                rows.append({**head, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                print(f"  {memory:6s} mem_len {m:5d} {impl}: ERROR {rows[-1]['error']}", flush=True)
+                continue
+            flops = train_step_flops(cfg, args.batch)
+            row = {**head, "step_ms": med * 1e3, "step_ms_p10": p10 * 1e3,
+                   "step_ms_p90": p90 * 1e3, "train_tokens_per_sec": args.batch * args.tgt_len / med,
+                   "eval_tokens_per_sec": eval_tps, "train_flops_per_step": flops,
+                   "eval_flops_per_token": forward_flops(cfg, 1) / args.tgt_len,
+                   "achieved_tflops": flops / med / 1e12,
+                   "mfu": (flops / med / peak) if peak else None,
+                   "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "device_peak_mb": device_peak_mb()}
+            rows.append(row)
+            mfu = f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+            ev = f"  eval {eval_tps:8.0f} tok/s" if eval_tps is not None else ""
+            print(f"  {memory:6s} mem_len {m:5d} {impl}: {row['step_ms']:8.1f} ms/step "
+                  f"(p10 {row['step_ms_p10']:.1f}, p90 {row['step_ms_p90']:.1f})  "
+                  f"train {row['train_tokens_per_sec']:8.0f} tok/s{ev}  "
+                  f"{flops / 1e9:6.2f} GFLOP/step  {row['achieved_tflops']:.1f} TFLOP/s{mfu}", flush=True)
 
     by = {(r["memory"], r["mem_len"]): r for r in rows if "error" not in r}
     checks = []
