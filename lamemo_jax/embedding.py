@@ -152,15 +152,46 @@ class AdaptiveSoftmax(nn.Module):
         return jnp.concatenate(parts, axis=-1)
 
     def nll(self, h: Array, targets: Array, emb_tables, emb_projs) -> Array:
+        """-log p(target) [...] in the stat dtype: the value of ``-log_probs(...)[target]``.
+
+        Computed as logsumexp(logits) - logits[target] per softmax (the head, and the tail
+        cluster of each target), without the [..., n_token] log-probabilities: no log_softmax
+        array, no concatenation of the clusters, no gather over the whole vocabulary (whose
+        backward is a scatter into a [..., n_token] zero array). The tails are still computed
+        for every token (static shapes), and a token only takes its own cluster's term.
+        """
         cfg = self.cfg
+        params = self._cluster_params(emb_tables, emb_projs)
         if cfg.softmax_chunk and not cfg.n_clusters:
-            w, b, proj = self._cluster_params(emb_tables, emb_projs)[0]
+            w, b, proj = params[0]
             x = h if proj is None else h @ proj.astype(h.dtype)
             nll = softmax_cross_entropy_chunked(x.reshape(-1, x.shape[-1]), w.astype(h.dtype), b,
                                                 targets.reshape(-1), cfg.softmax_chunk)
             return nll.reshape(targets.shape)
-        lp = self.log_probs(h, emb_tables, emb_projs)
-        return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+
+        def logits(w, b, proj):
+            x = h if proj is None else h @ proj.astype(h.dtype)
+            return _logits(x, w.astype(h.dtype), b)
+
+        if not cfg.n_clusters:
+            return _nll_from_logits(logits(*params[0]), targets)
+        w0, b0, p0 = params[0]
+        w0 = jnp.concatenate([w0, self.cluster_weight.astype(w0.dtype)], axis=0)
+        b0 = jnp.concatenate([b0, self.cluster_bias.astype(b0.dtype)], axis=0)
+        ends, c1 = cfg.cutoff_ends, cfg.cutoffs[0]
+        head_class, tail_nll = targets, 0.0
+        for i in range(1, cfg.n_clusters + 1):
+            in_i = (targets >= ends[i]) & (targets < ends[i + 1])
+            head_class = jnp.where(in_i, c1 + cfg.n_clusters - i, head_class)  # as log_probs
+            t_i = _nll_from_logits(logits(*params[i]), jnp.where(in_i, targets - ends[i], 0))
+            tail_nll = tail_nll + jnp.where(in_i, t_i, 0.0)
+        return _nll_from_logits(logits(w0, b0, p0), head_class) + tail_nll
+
+
+def _nll_from_logits(logits: Array, targets: Array) -> Array:
+    """-log softmax(logits)[target] = logsumexp(logits) - logits[target] over the last axis."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 # ------------------------------------------------------------------ fused cross-entropy
@@ -202,9 +233,7 @@ def _fwd(chunk, x, w, b, targets):
     def one(args):
         xc, tc = args
         logits = _logits(xc, w, b)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        return lse - tgt, lse
+        return _nll_from_logits(logits, tc), jax.nn.logsumexp(logits, axis=-1)
 
     nll, lse = lax.map(one, _chunked(chunk, x, targets))
     nll, lse = nll.reshape(-1)[:t], lse.reshape(-1)[:t]

@@ -223,6 +223,39 @@ def test_position_sequence_matches_original():
     np.testing.assert_array_equal(position_sequence(cfg, 3, 5)[8:], [-1, -2, -3, -4, -5])
 
 
+@pytest.mark.parametrize("kw", [
+    dict(),  # full softmax, tied
+    dict(cutoffs=(20, 40), div_val=2),  # adaptive: head + 2 tail clusters, projections
+    dict(cutoffs=(20, 40), div_val=1, tie_projs=(False, True, False)),
+])
+def test_training_nll_equals_minus_log_probs_at_the_target(kw):
+    """The training loss takes logsumexp - logit[target] per softmax (head and the target's tail
+    cluster) without building the [..., n_token] log-probabilities; it must equal
+    -log_probs[target] of the evaluation path, in value and in every parameter's gradient."""
+    cfg = small_cfg(n_token=53, n_layer=1, dropout=0.0, **kw)
+    params = perturbed_params(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (3, 6), 0, 53)
+    targets = jnp.asarray(np.random.default_rng(0).permutation(np.arange(53))[:18].reshape(3, 6))
+    assert {int(t) // 20 for t in targets.ravel()} == {0, 1, 2}  # every cluster is a target
+
+    def via_nll(p):
+        out, _ = lamemo_jax.apply(cfg, p, tokens, lamemo_jax.init_memory(cfg, 3), targets=targets)
+        return out.nll
+
+    def via_log_probs(p):
+        out, _ = lamemo_jax.apply(cfg, p, tokens, lamemo_jax.init_memory(cfg, 3))
+        return -jnp.take_along_axis(out.log_probs, targets[..., None], axis=-1)[..., 0]
+
+    @jax.jit
+    def both(p):
+        return [(f(p), jax.grad(lambda q: jnp.sum(f(q)))(p)) for f in (via_nll, via_log_probs)]
+
+    (l0, g0), (l1, g1) = both(params)
+    np.testing.assert_allclose(l0, l1, rtol=1e-13, atol=1e-13)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)
+
+
 @pytest.mark.parametrize("d_embed,dtype", [(None, "float64"), (24, "float32")])
 def test_chunked_softmax_equals_full_log_softmax(d_embed, dtype):
     """softmax_chunk > 0 (fused cross-entropy over token chunks, never [tokens, vocab] logits) gives
