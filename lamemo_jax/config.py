@@ -53,8 +53,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     attention_impl: str = "auto"
-    # Full softmax only: > 0 computes the loss as a fused cross-entropy over chunks of this many
-    # tokens, never materialising the [tokens, n_token] logits (forward or backward); 0 = off.
+    # > 0 computes the training loss as a fused cross-entropy over chunks of this many tokens (each
+    # cluster of an adaptive softmax on its own), never materialising the [tokens, n_token] logits
+    # (forward or backward); 0 = off.
     softmax_chunk: int = 0
 
     def __post_init__(self):
@@ -116,9 +117,6 @@ class ModelConfig:
         if not isinstance(self.softmax_chunk, int) or isinstance(self.softmax_chunk, bool) \
                 or self.softmax_chunk < 0:
             self._fail("softmax_chunk", "must be an integer >= 0 (0 = off)")
-        if self.softmax_chunk and self.cutoffs:
-            self._fail("softmax_chunk", "applies to the full softmax only (cutoffs=()); the adaptive "
-                       "softmax already splits the vocabulary into clusters")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -162,19 +162,19 @@ class AdaptiveSoftmax(nn.Module):
         """
         cfg = self.cfg
         params = self._cluster_params(emb_tables, emb_projs)
-        if cfg.softmax_chunk and not cfg.n_clusters:
-            w, b, proj = params[0]
+
+        def nll_of(cluster, targets):
+            w, b, proj = cluster
             x = h if proj is None else h @ proj.astype(h.dtype)
-            nll = softmax_cross_entropy_chunked(x.reshape(-1, x.shape[-1]), w.astype(h.dtype), b,
-                                                targets.reshape(-1), cfg.softmax_chunk)
+            w = w.astype(h.dtype)
+            if not cfg.softmax_chunk:
+                return _nll_from_logits(_logits(x, w, b), targets)
+            nll = softmax_cross_entropy_chunked(x.reshape(-1, x.shape[-1]), w, b, targets.reshape(-1),
+                                                cfg.softmax_chunk)
             return nll.reshape(targets.shape)
 
-        def logits(w, b, proj):
-            x = h if proj is None else h @ proj.astype(h.dtype)
-            return _logits(x, w.astype(h.dtype), b)
-
         if not cfg.n_clusters:
-            return _nll_from_logits(logits(*params[0]), targets)
+            return nll_of(params[0], targets)
         w0, b0, p0 = params[0]
         w0 = jnp.concatenate([w0, self.cluster_weight.astype(w0.dtype)], axis=0)
         b0 = jnp.concatenate([b0, self.cluster_bias.astype(b0.dtype)], axis=0)
@@ -183,9 +183,9 @@ class AdaptiveSoftmax(nn.Module):
         for i in range(1, cfg.n_clusters + 1):
             in_i = (targets >= ends[i]) & (targets < ends[i + 1])
             head_class = jnp.where(in_i, c1 + cfg.n_clusters - i, head_class)  # as log_probs
-            t_i = _nll_from_logits(logits(*params[i]), jnp.where(in_i, targets - ends[i], 0))
+            t_i = nll_of(params[i], jnp.where(in_i, targets - ends[i], 0))
             tail_nll = tail_nll + jnp.where(in_i, t_i, 0.0)
-        return _nll_from_logits(logits(w0, b0, p0), head_class) + tail_nll
+        return nll_of((w0, b0, p0), head_class) + tail_nll
 
 
 def _nll_from_logits(logits: Array, targets: Array) -> Array:

@@ -231,29 +231,35 @@ def test_position_sequence_matches_original():
 def test_training_nll_equals_minus_log_probs_at_the_target(kw):
     """The training loss takes logsumexp - logit[target] per softmax (head and the target's tail
     cluster) without building the [..., n_token] log-probabilities; it must equal
-    -log_probs[target] of the evaluation path, in value and in every parameter's gradient."""
+    -log_probs[target] of the evaluation path, in value and in every parameter's gradient; so must
+    the fused cross-entropy of softmax_chunk (4 tokens per chunk, each cluster on its own)."""
     cfg = small_cfg(n_token=53, n_layer=1, dropout=0.0, **kw)
     params = perturbed_params(cfg)
     tokens = jax.random.randint(jax.random.key(1), (3, 6), 0, 53)
     targets = jnp.asarray(np.random.default_rng(0).permutation(np.arange(53))[:18].reshape(3, 6))
     assert {int(t) // 20 for t in targets.ravel()} == {0, 1, 2}  # every cluster is a target
 
-    def via_nll(p):
-        out, _ = lamemo_jax.apply(cfg, p, tokens, lamemo_jax.init_memory(cfg, 3), targets=targets)
+    def via_nll(p, c=cfg):
+        out, _ = lamemo_jax.apply(c, p, tokens, lamemo_jax.init_memory(c, 3), targets=targets)
         return out.nll
+
+    def via_chunked_nll(p):
+        return via_nll(p, cfg.replace(softmax_chunk=4))
 
     def via_log_probs(p):
         out, _ = lamemo_jax.apply(cfg, p, tokens, lamemo_jax.init_memory(cfg, 3))
         return -jnp.take_along_axis(out.log_probs, targets[..., None], axis=-1)[..., 0]
 
     @jax.jit
-    def both(p):
-        return [(f(p), jax.grad(lambda q: jnp.sum(f(q)))(p)) for f in (via_nll, via_log_probs)]
+    def all_three(p):
+        return [(f(p), jax.grad(lambda q: jnp.sum(f(q)))(p))
+                for f in (via_log_probs, via_nll, via_chunked_nll)]
 
-    (l0, g0), (l1, g1) = both(params)
-    np.testing.assert_allclose(l0, l1, rtol=1e-13, atol=1e-13)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
-        assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)
+    (l0, g0), *others = all_three(params)
+    for l1, g1 in others:
+        np.testing.assert_allclose(l1, l0, rtol=1e-13, atol=1e-13)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)
 
 
 @pytest.mark.parametrize("d_embed,dtype", [(None, "float64"), (24, "float32")])
@@ -261,7 +267,7 @@ def test_chunked_softmax_equals_full_log_softmax(d_embed, dtype):
     """softmax_chunk > 0 (fused cross-entropy over token chunks, never [tokens, vocab] logits) gives
     the same loss and the same gradient of every parameter as the plain log-softmax, with a chunk
     that does not divide the tokens and with an output projection (d_embed != d_model); memory
-    carried over two segments, dropout on."""
+    carried over two segments, dropout on. (The adaptive softmax, chunked per cluster: the test above.)"""
     base = ModelConfig(n_token=53, n_layer=2, n_head=2, d_model=32, d_head=16, d_inner=48, tgt_len=6,
                        mem_len=6, d_embed=d_embed, dropout=0.1, dtype=dtype, param_dtype=dtype)
     params = lamemo_jax.init_params(base, jax.random.key(0))
@@ -290,5 +296,6 @@ def test_chunked_softmax_equals_full_log_softmax(d_embed, dtype):
 def test_softmax_chunk_validation():
     with pytest.raises(lamemo_jax.ConfigError, match="softmax_chunk"):
         ModelConfig(n_token=50, softmax_chunk=-1)
-    with pytest.raises(lamemo_jax.ConfigError, match="full softmax only"):
-        ModelConfig(n_token=50, cutoffs=(10,), softmax_chunk=8)
+    with pytest.raises(lamemo_jax.ConfigError, match="softmax_chunk"):
+        ModelConfig(n_token=50, softmax_chunk=True)
+    assert ModelConfig(n_token=50, cutoffs=(10,), softmax_chunk=8).softmax_chunk == 8
