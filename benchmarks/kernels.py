@@ -41,6 +41,7 @@ import numpy as np
 from kernels import BlockSizes
 from kernels.lookahead import lookahead_pallas, lookahead_reference
 from kernels.rel_attention import rel_attention_pallas, rel_attention_reference
+from benchmarks.memory import compiled_mb, device_peak_mb
 
 ACCEL_CONFIGS = "150x150x10x41,512x512x8x64,512x1024x8x64,256x2048x8x64"
 CPU_CONFIGS = "16x24x2x16,24x16x2x16"
@@ -101,28 +102,6 @@ def _time(fn, args, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _compiled_mb(compiled) -> Optional[float]:
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return None
-    if ma is None:
-        return None
-    total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-             - ma.alias_size_in_bytes)
-    return total / 2**20
-
-
-def _device_peak_mb() -> Optional[float]:
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001
-        return None
-    if not stats or "peak_bytes_in_use" not in stats:
-        return None
-    return stats["peak_bytes_in_use"] / 2**20
-
-
 def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) -> dict:
     n, m, h, d = cfg
     args, extra, kw = make_inputs(kernel, batch, n, m, h, d, dtype)
@@ -134,8 +113,8 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
         cb = jax.jit(fwd_bwd).lower(*args).compile()
         row["fwd_ms"] = _time(cf, args, iters)
         row["fwd_bwd_ms"] = _time(cb, args, iters)
-        row["fwd_bwd_peak_mb"] = _compiled_mb(cb)
-        row["device_peak_mb"] = _device_peak_mb()
+        row["fwd_bwd_peak_mb"] = compiled_mb(cb)
+        row["device_peak_mb"] = device_peak_mb()
         row["_values"] = jax.tree.leaves((cf(*args), cb(*args)))  # for the error vs the reference
     except Exception as e:  # noqa: BLE001 - one failing config must not hide the others
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

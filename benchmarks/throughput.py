@@ -10,10 +10,12 @@ instead of the flags; ``--memories`` still switches lamemo / xl and ``--dtype`` 
 
 For each (memory, mem_len): the median step time over ``--steps`` training steps after compile
 (Adam, dropout 0.1; the variants of one mem_len run their steps in interleaved rounds, so a slow
-phase of a shared machine slows them alike and their ratios hold), evaluation tokens/s, model FLOPs per step (lamemo_jax.flops), achieved
-FLOP/s (and MFU on a known accelerator) and peak host memory. Writes ``throughput.json`` and
-``throughput.png`` (step time vs mem_len), prints a table, and checks the targets in one run
-(ratios only, since these shared machines are noisy):
+phase of a shared machine slows them alike and their ratios hold), evaluation tokens/s, model
+FLOPs per step (lamemo_jax.flops), achieved FLOP/s (and MFU on a known accelerator), the compiled
+train step's memory (``train_step_mb``: arguments + outputs + temporaries of that variant's
+executable) and, process-wide so far, peak host RSS and peak device memory. Writes
+``throughput.json`` and ``throughput.png`` (step time vs mem_len), prints a table, and checks the
+targets in one run (ratios only, since these shared machines are noisy):
 
 * LaMemo's step at least 2x faster than the original PyTorch code measured on the project's
   2-core CPU (53 / 91 / 136 / 307 ms at mem_len 64 / 128 / 256 / 512);
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.memory import compiled_mb, device_peak_mb
 from lamemo_jax import ModelConfig, init_memory
 from lamemo_jax.api import _score_jit
 from lamemo_jax.experiment import TrainConfig
@@ -95,12 +98,15 @@ class TrainTimer:
         tc = TrainConfig(batch_size=batch, learning_rate=2.5e-4, clip=0.25, num_steps=10**6)
         opt = make_optimizer(tc)
         self.state = init_train_state(cfg, tc, opt, batch)
-        self.step = jax.jit(make_train_step(cfg, tc, opt), donate_argnums=(0,))
         rng = np.random.default_rng(0)
         self.x = jnp.asarray(rng.integers(0, cfg.n_token, (batch, cfg.tgt_len)), jnp.int32)
         self.sos = jnp.zeros((batch,), bool)
+        jitted = jax.jit(make_train_step(cfg, tc, opt), donate_argnums=(0,))
+        compiled = jitted.lower(self.state, self.x, self.x, self.sos).compile()
+        self.step_mb = compiled_mb(compiled)  # this variant's executable, whatever else is alive
+        self.step = compiled
         self.times = []
-        for _ in range(cfg.mem_len // cfg.tgt_len + 2):  # compile, then fill the memory
+        for _ in range(cfg.mem_len // cfg.tgt_len + 1):  # fill the memory
             self.state, m = self.step(self.state, self.x, self.x, self.sos)
         jax.block_until_ready(m)
 
@@ -116,27 +122,22 @@ class TrainTimer:
                 float(np.percentile(self.times, 90)))
 
 
-def time_train(cfg: ModelConfig, batch: int, steps: int):
-    return time_interleaved([cfg], batch, steps)[0]
-
-
 def time_interleaved(cfgs, batch: int, steps: int):
-    """Times the variants' steps in interleaved rounds (A B C, A B C, ...): a slow phase of a
-    shared machine then hits every variant alike, so their time ratios stay meaningful."""
-    timers = [TrainTimer(c, batch) for c in cfgs]
-    for _ in range(steps):
-        for t in timers:
+    """Times the variants' steps in interleaved rounds, alternating the order (A B C, C B A, ...):
+    a slow phase of a shared machine then hits every variant alike, so their ratios hold, and no
+    variant always follows the same neighbour. Returns one entry per variant: its TrainTimer, or
+    the exception that stopped it from compiling or filling its memory."""
+    timers = []
+    for c in cfgs:
+        try:
+            timers.append(TrainTimer(c, batch))
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            timers.append(e)
+    live = [t for t in timers if isinstance(t, TrainTimer)]
+    for r in range(steps):
+        for t in (live if r % 2 == 0 else live[::-1]):
             t.time_one()
-    return [t.summary() for t in timers]
-
-
-def device_peak_mb():
-    """Peak device memory of this process (GPU/TPU allocators report it; None on CPU)."""
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001
-        return None
-    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+    return timers
 
 
 def time_eval(cfg: ModelConfig, batch: int, segments: int = 8):
@@ -206,19 +207,16 @@ def main(argv=None) -> int:
           + (f", overrides {parse_overrides(args.set)}" if args.set else ""), flush=True)
     for m in mem_lens:
         variants = [(memory, impl) for memory in memories for impl in impls]
-        timed = {}
-        try:  # all variants of one mem_len in interleaved rounds
-            timed = dict(zip(variants, time_interleaved([base_config(args, mem, m, impl)
-                                                         for mem, impl in variants],
-                                                        args.batch, args.steps)))
-        except Exception:  # noqa: BLE001 - then one at a time, so that one failure hides nothing
-            pass
-        for memory, impl in variants:
+        timers = time_interleaved([base_config(args, mem, m, impl) for mem, impl in variants],
+                                  args.batch, args.steps)
+        for (memory, impl), timer in zip(variants, timers):
             cfg = base_config(args, memory, m, impl)
             head = {"memory": memory, "mem_len": m, "attention_impl": impl,
                     "overrides": parse_overrides(args.set)}
             try:
-                med, p10, p90 = timed.get((memory, impl)) or time_train(cfg, args.batch, args.steps)
+                if isinstance(timer, Exception):
+                    raise timer
+                med, p10, p90 = timer.summary()
                 eval_tps = None if args.no_eval else time_eval(cfg, args.batch)
             except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
                 rows.append({**head, "error": f"{type(e).__name__}: {str(e)[:400]}"})
@@ -231,6 +229,7 @@ def main(argv=None) -> int:
                    "eval_flops_per_token": forward_flops(cfg, 1) / args.tgt_len,
                    "achieved_tflops": flops / med / 1e12,
                    "mfu": (flops / med / peak) if peak else None,
+                   "train_step_mb": timer.step_mb,
                    "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "device_peak_mb": device_peak_mb()}
             rows.append(row)

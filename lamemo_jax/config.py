@@ -53,9 +53,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     attention_impl: str = "auto"
-    # > 0 computes the training loss as a fused cross-entropy over chunks of this many tokens (each
-    # cluster of an adaptive softmax on its own), never materialising the [tokens, n_token] logits
-    # (forward or backward); 0 = off.
+    # > 0 computes the loss against targets (training, and evaluation's NLL) as a fused
+    # cross-entropy over chunks of this many tokens (each cluster of an adaptive softmax on its
+    # own), never materialising the [tokens, n_token] logits (forward or backward); 0 = off.
     softmax_chunk: int = 0
 
     def __post_init__(self):

@@ -250,7 +250,9 @@ def _bwd(chunk, res, g):
         xc, tc, lc, gc = args
         p = jnp.exp(_logits(xc, w, b) - lc[:, None])
         p = p - jax.nn.one_hot(tc, p.shape[-1], dtype=sdt)
-        dlogits = p * gc[:, None]  # [chunk, V], stat dtype
+        # [chunk, V], stat dtype; rows with g = 0 (the zero padding: x = 0, lse = 0, so p = e^b,
+        # which overflows for a bias > ~88 in float32) contribute exactly 0, never inf * 0
+        dlogits = jnp.where(gc[:, None] == 0, 0.0, p * gc[:, None])
         dl = dlogits.astype(x.dtype)
         dx = jnp.einsum("tv,vd->td", dl, w, preferred_element_type=sdt).astype(x.dtype)
         dw = dw + jnp.einsum("tv,td->vd", dl, xc, preferred_element_type=sdt)

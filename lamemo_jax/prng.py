@@ -8,7 +8,7 @@ docs/benchmarks.md). ``bernoulli`` below writes the same hash unrolled in plain 
 XLA fuses into one elementwise loop, and builds the uniform floats exactly as
 ``jax.random.uniform`` does. The result is identical to ``jax.random.bernoulli(key, p, shape)``
 (tested bit for bit) whenever that function would use the partitionable threefry path, which is
-jax's default; for any other key implementation or setting it simply calls jax.
+jax's default, with a scalar p; for any other key implementation, setting or p it calls jax.
 """
 
 from __future__ import annotations
@@ -44,31 +44,49 @@ def threefry2x32(k1, k2, x1, x2):
     return x1, x2
 
 
+def _setting(value) -> str:
+    return str(getattr(value, "value", value))
+
+
 def _threefry_key_words(key):
     """(k1, k2) uint32 scalars of a threefry key (typed or raw), or None for other keys."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != () or str(jax.random.key_impl(key)) != "threefry2x32":
             return None
         words = jax.random.key_data(key)
-    elif key.dtype == jnp.uint32 and key.shape == (2,) and jax.config.jax_default_prng_impl == "threefry2x32":
-        words = key
+    elif (key.dtype == jnp.uint32 and key.shape == (2,) and _setting(jax.config.jax_legacy_prng_key) == "allow"
+          and _setting(jax.config.jax_default_prng_impl) == "threefry2x32"):
+        words = key  # a raw key (jax.random.PRNGKey); with other legacy_prng_key settings jax warns/raises
     else:
         return None
     return words[0], words[1]
 
 
+def _flat_index(shape) -> jax.Array:
+    """uint32 [shape]: the row-major flat index, as a sum of per-axis iotas (like jax's
+    ``iota_2x32_shape``) so that the SPMD partitioner builds only each device's slice of it."""
+    idx = jnp.zeros(shape, np.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        idx = idx + lax.broadcasted_iota(np.uint32, shape, axis) * np.uint32(stride)
+        stride *= shape[axis]
+    return idx
+
+
 def bernoulli(key, p: float, shape: Sequence[int]) -> jax.Array:
     """Boolean [shape] with P(True) = p: equal to ``jax.random.bernoulli(key, p, shape)``."""
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:  # symbolic (shape-polymorphic) dimensions
+        return jax.random.bernoulli(key, p, shape)
     n = math.prod(shape)
     dtype = jnp.dtype(lax.dtype(p))  # as jax: float32, or float64 under jax_enable_x64
     words = _threefry_key_words(key)
     if (words is None or not jax.config.jax_threefry_partitionable or n == 0 or n >= 2**32
-            or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))):
+            or jnp.shape(p) != () or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))):
         return jax.random.bernoulli(key, p, shape)
     # the partitionable counters: the row-major flat index as (high, low) 32-bit words
-    lo = lax.iota(np.uint32, n).reshape(shape)
-    b1, b2 = threefry2x32(words[0], words[1], jnp.zeros(shape, np.uint32), lo)
+    b1, b2 = threefry2x32(words[0], words[1], jnp.zeros(shape, np.uint32), _flat_index(shape))
     finfo = jnp.finfo(dtype)
     if dtype == jnp.float32:
         bits, one = b1 ^ b2, np.array(1.0, np.float32).view(np.uint32)

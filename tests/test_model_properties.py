@@ -226,7 +226,7 @@ def test_position_sequence_matches_original():
 @pytest.mark.parametrize("kw", [
     dict(),  # full softmax, tied
     dict(cutoffs=(20, 40), div_val=2),  # adaptive: head + 2 tail clusters, projections
-    dict(cutoffs=(20, 40), div_val=1, tie_projs=(False, True, False)),
+    dict(cutoffs=(20, 40), div_val=1, d_embed=24, tie_projs=(False, True, False), tie_weight=False),
 ])
 def test_training_nll_equals_minus_log_probs_at_the_target(kw):
     """The training loss takes logsumexp - logit[target] per softmax (head and the target's tail
@@ -291,6 +291,22 @@ def test_chunked_softmax_equals_full_log_softmax(d_embed, dtype):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
         err = float(jnp.max(jnp.abs(a - b)))
         assert err <= tol, (jax.tree_util.keystr(path), err)
+
+
+def test_chunked_cross_entropy_with_a_huge_bias_and_padded_chunks():
+    """Padded rows of the last chunk (x = 0, lse = 0) would give e^b = inf for a bias > ~88 in
+    float32; their gradient must still be exactly 0, and the result equal the plain NLL."""
+    from lamemo_jax.embedding import _logits, _nll_from_logits, softmax_cross_entropy_chunked
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
+    b = jnp.zeros((11,), jnp.float32).at[3].set(100.0)
+    t = jnp.asarray(rng.integers(0, 11, 7))
+    chunked = jax.grad(lambda *a: jnp.sum(softmax_cross_entropy_chunked(*a, t, 4)), (0, 1, 2))(x, w, b)
+    plain = jax.grad(lambda x, w, b: jnp.sum(_nll_from_logits(_logits(x, w, b), t)), (0, 1, 2))(x, w, b)
+    for a, c in zip(chunked, plain):
+        assert bool(jnp.all(jnp.isfinite(a)))
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
 
 
 def test_softmax_chunk_validation():

@@ -55,3 +55,13 @@ def test_no_while_loop_on_cpu():
     assert "while" not in hlo
     ref = jax.jit(lambda k: jax.random.bernoulli(k, np.float32(0.9), (8, 128, 512))).lower(key)
     assert "while" in ref.as_text() or jax.default_backend() != "cpu"
+
+
+def test_array_p_and_strict_legacy_keys_behave_as_jax():
+    key = jax.random.key(6)
+    p = jnp.linspace(0.1, 0.9, 7)
+    np.testing.assert_array_equal(prng.bernoulli(key, p, (5, 7)), jax.random.bernoulli(key, p, (5, 7)))
+    with pytest.raises(ValueError):  # p must broadcast to shape, as jax requires
+        prng.bernoulli(key, jnp.ones((3,)) * 0.5, (5, 7))
+    with jax.legacy_prng_key("error"), pytest.raises(Exception, match="[Ll]egacy"):
+        prng.bernoulli(jax.random.PRNGKey(0), 0.5, (4,))
