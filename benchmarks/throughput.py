@@ -207,10 +207,9 @@ def main(argv=None) -> int:
           + (f", overrides {parse_overrides(args.set)}" if args.set else ""), flush=True)
     for m in mem_lens:
         variants = [(memory, impl) for memory in memories for impl in impls]
-        timers = time_interleaved([base_config(args, mem, m, impl) for mem, impl in variants],
-                                  args.batch, args.steps)
-        for (memory, impl), timer in zip(variants, timers):
-            cfg = base_config(args, memory, m, impl)
+        cfgs = [base_config(args, memory, m, impl) for memory, impl in variants]
+        timers = time_interleaved(cfgs, args.batch, args.steps)
+        for (memory, impl), cfg, timer in zip(variants, cfgs, timers):
             head = {"memory": memory, "mem_len": m, "attention_impl": impl,
                     "overrides": parse_overrides(args.set)}
             try:

@@ -129,25 +129,28 @@ class AdaptiveSoftmax(nn.Module):
             out.append((w, b, proj))
         return out
 
+    def _softmaxes(self, h: Array, emb_tables, emb_projs):
+        """(x, w, b) of each softmax: the head (its words, then one row per tail cluster, as the
+        original) and each tail cluster; x = h through the cluster's projection, w in h's dtype."""
+        out = []
+        for i, (w, b, proj) in enumerate(self._cluster_params(emb_tables, emb_projs)):
+            if i == 0 and self.cfg.n_clusters:
+                w = jnp.concatenate([w, self.cluster_weight.astype(w.dtype)], axis=0)
+                b = jnp.concatenate([b, self.cluster_bias.astype(b.dtype)], axis=0)
+            x = h if proj is None else h @ proj.astype(h.dtype)
+            out.append((x, w.astype(h.dtype), b))
+        return out
+
     def log_probs(self, h: Array, emb_tables, emb_projs) -> Array:
         """Full log-probabilities [..., n_token] in the stat dtype (float32 or float64)."""
         cfg = self.cfg
-        params = self._cluster_params(emb_tables, emb_projs)
-
-        def logits(w, b, proj):
-            x = h if proj is None else h @ proj.astype(h.dtype)
-            return _logits(x, w.astype(h.dtype), b)
-
+        head, *tails = [jax.nn.log_softmax(_logits(*s), axis=-1)
+                        for s in self._softmaxes(h, emb_tables, emb_projs)]
         if not cfg.n_clusters:
-            return jax.nn.log_softmax(logits(*params[0]), axis=-1)
-        w0, b0, p0 = params[0]
-        w0 = jnp.concatenate([w0, self.cluster_weight.astype(w0.dtype)], axis=0)
-        b0 = jnp.concatenate([b0, self.cluster_bias.astype(b0.dtype)], axis=0)
-        head = jax.nn.log_softmax(logits(w0, b0, p0), axis=-1)
+            return head
         c1 = cfg.cutoffs[0]
         parts = [head[..., :c1]]
-        for i in range(1, cfg.n_clusters + 1):
-            tail = jax.nn.log_softmax(logits(*params[i]), axis=-1)
+        for i, tail in enumerate(tails, start=1):
             parts.append(head[..., c1 + cfg.n_clusters - i, None] + tail)
         return jnp.concatenate(parts, axis=-1)
 
@@ -161,37 +164,34 @@ class AdaptiveSoftmax(nn.Module):
         for every token (static shapes), and a token only takes its own cluster's term.
         """
         cfg = self.cfg
-        params = self._cluster_params(emb_tables, emb_projs)
 
-        def nll_of(cluster, targets):
-            w, b, proj = cluster
-            x = h if proj is None else h @ proj.astype(h.dtype)
-            w = w.astype(h.dtype)
+        def nll_of(softmax, targets):
+            x, w, b = softmax
             if not cfg.softmax_chunk:
                 return _nll_from_logits(_logits(x, w, b), targets)
             nll = softmax_cross_entropy_chunked(x.reshape(-1, x.shape[-1]), w, b, targets.reshape(-1),
                                                 cfg.softmax_chunk)
             return nll.reshape(targets.shape)
 
-        if not cfg.n_clusters:
-            return nll_of(params[0], targets)
-        w0, b0, p0 = params[0]
-        w0 = jnp.concatenate([w0, self.cluster_weight.astype(w0.dtype)], axis=0)
-        b0 = jnp.concatenate([b0, self.cluster_bias.astype(b0.dtype)], axis=0)
-        ends, c1 = cfg.cutoff_ends, cfg.cutoffs[0]
-        head_class, tail_nll = targets, 0.0
-        for i in range(1, cfg.n_clusters + 1):
+        head, *tails = self._softmaxes(h, emb_tables, emb_projs)
+        ends, head_class, tail_nll = cfg.cutoff_ends, targets, 0.0
+        for i, tail in enumerate(tails, start=1):
             in_i = (targets >= ends[i]) & (targets < ends[i + 1])
-            head_class = jnp.where(in_i, c1 + cfg.n_clusters - i, head_class)  # as log_probs
-            t_i = nll_of(params[i], jnp.where(in_i, targets - ends[i], 0))
+            head_class = jnp.where(in_i, cfg.cutoffs[0] + cfg.n_clusters - i, head_class)  # as log_probs
+            t_i = nll_of(tail, jnp.where(in_i, targets - ends[i], 0))
             tail_nll = tail_nll + jnp.where(in_i, t_i, 0.0)
-        return nll_of((w0, b0, p0), head_class) + tail_nll
+        return nll_of(head, head_class) + tail_nll
+
+
+def _nll_and_lse(logits: Array, targets: Array):
+    """(-log softmax(logits)[target], logsumexp(logits)) over the last axis."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
 
 
 def _nll_from_logits(logits: Array, targets: Array) -> Array:
     """-log softmax(logits)[target] = logsumexp(logits) - logits[target] over the last axis."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return _nll_and_lse(logits, targets)[0]
 
 
 # ------------------------------------------------------------------ fused cross-entropy
@@ -232,8 +232,7 @@ def _fwd(chunk, x, w, b, targets):
 
     def one(args):
         xc, tc = args
-        logits = _logits(xc, w, b)
-        return _nll_from_logits(logits, tc), jax.nn.logsumexp(logits, axis=-1)
+        return _nll_and_lse(_logits(xc, w, b), tc)
 
     nll, lse = lax.map(one, _chunked(chunk, x, targets))
     nll, lse = nll.reshape(-1)[:t], lse.reshape(-1)[:t]
@@ -260,7 +259,6 @@ def _bwd(chunk, res, g):
         return (dw, db), dx
 
     init = (jnp.zeros(w.shape, sdt), jnp.zeros(b.shape, sdt))
-    # padded rows carry g = 0, so they add nothing to dw / db
     (dw, db), dx = lax.scan(body, init, _chunked(chunk, x, targets, lse, g.astype(sdt)))
     dx = dx.reshape(-1, x.shape[1])[:t]
     return dx, dw.astype(w.dtype), db.astype(b.dtype), None
