@@ -12,6 +12,7 @@ Expected: Transformer-XL's paper reports 1.06 bpc for its 12-layer 41M model wit
 evaluation memory; LaMemo's own tables could not be retrieved here. Not run here (no GPU).
 """
 
+from lamemo_jax.data import default_config as data_config
 from lamemo_jax.experiment import base_config
 
 
@@ -20,8 +21,7 @@ def get_config():
     c.model.update(n_token=204, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048,
                    dropout=0.1, dropatt=0.0, tgt_len=512, mem_len=512, clamp_len=-1,
                    memory="lamemo", lookahead="disentangled", tie_weight=True)
-    c.data.name = "enwik8"
-    c.data.manual_dir = None
+    c.data = data_config("enwik8")  # every data field, typed (--config.data.manual_dir=DIR parses)
     c.data.keep_newlines = False
     c.train.update(batch_size=40, num_steps=50_000, optimizer="adam", learning_rate=2.5e-4,
                    schedule="cosine", warmup_steps=0, min_learning_rate=0.0, clip=0.25,

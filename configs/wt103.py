@@ -17,6 +17,7 @@ Expected: the LaMemo paper's tables could not be retrieved here; Transformer-XL'
 recipe evaluates with tgt_len = mem_len = 150 (the original's protocol). Not run here (no GPU).
 """
 
+from lamemo_jax.data import default_config as data_config
 from lamemo_jax.experiment import base_config
 
 
@@ -25,8 +26,7 @@ def get_config():
     c.model.update(n_token=267735, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
                    dropout=0.1, dropatt=0.0, tgt_len=150, mem_len=150, clamp_len=-1,
                    memory="lamemo", lookahead="disentangled", tie_weight=True)
-    c.data.name = "wikitext103"
-    c.data.manual_dir = None
+    c.data = data_config("wikitext103")  # every data field, typed (--config.data.manual_dir=DIR parses)
     c.train.update(batch_size=64, num_steps=250_000, optimizer="adam", learning_rate=2.5e-4,
                    schedule="cosine", warmup_steps=0, min_learning_rate=0.0, clip=0.25,
                    halve_loss=True, log_every=200, eval_every=5000, checkpoint_every=5000)

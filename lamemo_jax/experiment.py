@@ -169,8 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
              if f.default is not dataclasses.MISSING}
     model["n_token"] = 0  # must be set by the config file (the trainer checks it against the data)
     model["cutoffs"] = ()
-    model["tie_projs"] = None
-    model["d_embed"] = None
+    # typed placeholders (value None), so that --config.model.d_embed=256 parses from the command line
+    model["tie_projs"] = ml_collections.config_dict.placeholder(tuple)
+    model["d_embed"] = ml_collections.config_dict.placeholder(int)
     cd = ml_collections.ConfigDict()
     cd.model = ml_collections.ConfigDict(model, type_safe=False)
     cd.data = ml_collections.ConfigDict({"name": "random"}, type_safe=False)

@@ -76,3 +76,37 @@ def test_paper_parameter_counts(name, memory, count):
     cfg = ExperimentConfig.from_config_dict(mod.get_config()).model.replace(memory=memory)
     shapes = jax.eval_shape(lambda: lamemo_jax.init_params(cfg, jax.random.key(0)))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count
+
+
+def _leaves(cd, prefix=""):
+    from ml_collections import config_dict
+    for k in cd.keys():
+        v = cd[k]
+        if isinstance(v, config_dict.ConfigDict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v, cd.get_type(k)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_unset_field_can_be_set_from_the_command_line(name):
+    """Fields left None (data.manual_dir, model.d_embed, ...) must be typed placeholders: absl
+    refuses to override a plain None ('Type NoneType ... is not supported for overriding')."""
+    from absl import flags
+    from ml_collections import config_flags
+    sample = {str: ("/tmp/lamemo_manual", "/tmp/lamemo_manual"), int: ("3", 3), float: ("0.25", 0.25),
+              tuple: ("(True,)", (True,))}
+    cd = importlib.import_module(f"configs.{name}").get_config()
+    unset = [(path, typ) for path, value, typ in _leaves(cd) if value is None]
+    assert "data.manual_dir" in [p for p, _ in unset]
+    for path, typ in unset:
+        assert typ in sample, f"configs/{name}.py: {path} is None without a type (use config_dict.placeholder)"
+        text, value = sample[typ]
+        argv = ["prog", f"--config={os.path.join(ROOT, 'configs', name + '.py')}", f"--config.{path}={text}"]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)  # as train.py's flag
+        fv(argv)
+        got = fv.config
+        for part in path.split("."):
+            got = got[part]
+        assert got == value, (name, path, got)
