@@ -53,6 +53,21 @@ class MetricWriter:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self._tb.add_scalar(f"{prefix}/{k}", v, record.get("step", 0))
 
+    def truncate(self, step: int, drop_evals_at_last: bool = False) -> None:
+        """Drops the records after ``step`` (and, with ``drop_evals_at_last``, the evaluation
+        records at ``step``) from metrics.jsonl, atomically: a resumed run re-does that work."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        keep = [r for r in read_metrics(self.path)
+                if r.get("step", 0) < step or (r.get("step", 0) == step and not (
+                    drop_evals_at_last and r.get("split", "train") != "train"))]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
     def flush(self):
         if self._tb is not None:
             self._tb.flush()

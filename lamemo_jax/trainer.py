@@ -253,16 +253,20 @@ def resolve_model(exp: ExperimentConfig, ds) -> ModelConfig:
     return exp.model
 
 
-def _compatible(saved: dict, cfg: ModelConfig) -> None:
-    now = cfg.to_dict()
+def _compatible(meta: dict, cfg: ModelConfig, tc: TrainConfig) -> None:
+    """Refuses to resume a checkpoint whose parameter or memory shapes differ from the config's."""
+    saved, now = meta.get("model", {}), cfg.to_dict()
     shape_fields = ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner", "d_embed",
                     "div_val", "cutoffs", "tie_weight", "tie_projs", "memory", "lookahead", "mem_len",
                     "param_dtype")
     diff = [f"{f}: checkpoint {saved.get(f)!r} vs config {now[f]!r}" for f in shape_fields
             if f in saved and _norm(saved.get(f)) != _norm(now[f])]
+    if "batch_size" in meta and meta["batch_size"] != tc.batch_size:  # the carried memory's rows
+        diff.append(f"train.batch_size: checkpoint {meta['batch_size']!r} vs config {tc.batch_size!r}")
     if diff:
-        raise CheckpointError("the checkpoint in the workdir was written by an incompatible model "
-                              "config (parameter/memory shapes differ):\n  " + "\n  ".join(diff))
+        raise CheckpointError("the checkpoint in the workdir was written by an incompatible "
+                              "config (parameter/memory shapes differ); use a new workdir or the "
+                              "checkpoint's values:\n  " + "\n  ".join(diff))
 
 
 def _norm(v):
@@ -324,19 +328,26 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     run_info = {"model": cfg.to_dict(), "data": dict(exp.data), "train": dataclasses.asdict(tc),
                 "eval": dataclasses.asdict(exp.eval), "mesh": dataclasses.asdict(exp.mesh),
                 "unit": ds.unit, "dataset": ds.name}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(run_info, f, indent=2, default=str)
-
     state, state_sh = init_sharded_train_state(cfg, tc, optimizer, tc.batch_size, mesh)
     meta = ckpt.latest_meta()
     if meta is not None:
-        _compatible(meta.get("model", {}), cfg)
+        _compatible(meta, cfg, tc)
         restored = ckpt.restore_latest(_abstract(state))
         if restored is not None:
             state, _, step = restored
             logging.info("resumed from %s (step %d)", ckpt.step_dir(step), step)
     start = int(state.step)
+    if start >= tc.num_steps and start > 0:
+        logging.warning("the checkpoint in %s is at step %d, not before train.num_steps=%d: nothing to "
+                        "train; evaluating the step-%d model", workdir, start, tc.num_steps, start)
+    if jax.process_index() == 0:
+        # Only now (the workdir's checkpoint, if any, was accepted): a rejected resume must leave
+        # the run's config.json, which eval.py reads, as it was. Records past the restored step
+        # (written after the last checkpoint of a crashed run) would repeat: they are dropped,
+        # and so is a final evaluation that is about to be re-done.
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(run_info, f, indent=2, default=str)
+        writer.truncate(start, drop_evals_at_last=start >= tc.num_steps)
     step_fn = jax.jit(make_train_step(cfg, tc, optimizer, mesh), donate_argnums=(0,),  # state + memory
                       in_shardings=(state_sh, batch_sh, batch_sh, sos_sh),
                       out_shardings=(state_sh, shard_lib.replicated(mesh)))
@@ -355,7 +366,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
 
     def save(step: int):
         meta = {"step": step, "model": cfg.to_dict(), "dataset": ds.name, "unit": ds.unit,
-                "n_token": cfg.n_token, "time": time.time()}
+                "n_token": cfg.n_token, "batch_size": tc.batch_size, "time": time.time()}
         try:
             path = ckpt.save(step, state, meta)
         except OSError as e:

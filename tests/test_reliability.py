@@ -184,8 +184,16 @@ def test_clear_errors_for_bad_input(tmp_path):
     c = tiny(num_steps=4)
     c.model.d_model = 48
     c.model.d_head = 24
+    saved_config = open(os.path.join(wd, "config.json")).read()
     with pytest.raises(CheckpointError, match="d_model: checkpoint 32 vs config 48"):
         train_and_evaluate(c, wd)
+    c = tiny(num_steps=4, batch_size=8)  # the carried memory has one row per batch row
+    with pytest.raises(CheckpointError, match="train.batch_size: checkpoint 4 vs config 8"):
+        train_and_evaluate(c, wd)
+    # a refused resume leaves the run as it was: eval.py still loads it
+    assert open(os.path.join(wd, "config.json")).read() == saved_config
+    from lamemo_jax.trainer import load_run
+    assert load_run(wd)[1].d_model == 32
     r = subprocess.run(train_cmd(str(tmp_path / "c"), "--config.train.batch_siez=3"), env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "batch_siez" in r.stderr

@@ -50,11 +50,18 @@ def test_resume_is_bit_exact(tmp_path):
     part = str(tmp_path / "part")
     train_and_evaluate(tiny_config(num_steps=12, log_every=1, checkpoint_every=100), full)
     train_and_evaluate(tiny_config(num_steps=6, log_every=1, checkpoint_every=100), part)  # "interrupted"
+    with open(os.path.join(part, "metrics.jsonl"), "a") as f:  # logged after the last checkpoint, then a crash
+        f.write(json.dumps({"step": 9, "split": "train", "loss": 123.0}) + "\n")
     train_and_evaluate(tiny_config(num_steps=12, log_every=1, checkpoint_every=100), part)  # resumed
-    loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))
-                      if r["split"] == "train"}
+    records = lambda d: read_metrics(os.path.join(d, "metrics.jsonl"))
+    loss = lambda d: {r["step"]: r["loss"] for r in records(d) if r["split"] == "train"}
     a, b = loss(full), loss(part)
-    assert sorted(b) == list(range(1, 13))
+    assert [r["step"] for r in records(part) if r["split"] == "train"] == list(range(1, 13))  # once each
+    # the same command on the finished run: nothing to train, its final evaluation re-done, not repeated
+    summary = train_and_evaluate(tiny_config(num_steps=12, log_every=1, checkpoint_every=100), part)
+    assert summary["step"] == 12
+    assert [r["step"] for r in records(part) if r["split"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in records(part) if r["split"] == "valid"].count(12) == 1
     assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]
     _, _, pa, _ = load_run(full)
     _, _, pb, _ = load_run(part)
