@@ -18,3 +18,18 @@ def test_throughput_interleaves_and_records_a_failing_variant(tmp_path):
         # the compiled Pallas kernels do not exist on CPU: an error row, the others still timed
         assert "error" in rows[(m, "pallas")] and "step_ms" not in rows[(m, "pallas")]
     assert rc == 1 and (tmp_path / "throughput.png").exists()
+
+
+def test_targets_only_for_the_original_config_and_failed_variants_do_not_crash(tmp_path, capsys):
+    # another model: the original's timings say nothing about it, so no target is checked
+    small = ["--mem_lens=8", "--n_layer=1", "--d_model=16", "--n_head=2", "--d_head=8", "--d_inner=32",
+             "--n_token=50", "--tgt_len=8", "--steps=2", "--no_eval"]
+    assert throughput.main(small + [f"--out={tmp_path / 'a'}"]) == 0
+    assert json.load(open(tmp_path / "a" / "throughput.json"))["checks"] == []
+    assert "targets off: --tgt_len=8 --n_layer=1" in capsys.readouterr().out
+    # the original config with only variants that cannot run here: failed checks, files still written
+    rc = throughput.main(["--mem_lens=64", "--steps=1", "--no_eval", "--attention_impls=pallas",
+                          f"--out={tmp_path / 'b'}"])
+    out = json.load(open(tmp_path / "b" / "throughput.json"))
+    assert rc == 1 and all("error" in r for r in out["rows"])
+    assert [c["ok"] for c in out["checks"]] == [False] and (tmp_path / "b" / "throughput.png").exists()
