@@ -30,7 +30,8 @@ _SAME = flags.DEFINE_bool("same_length", None, "Same-length attention (default: 
 _BATCH = flags.DEFINE_integer("batch_size", None, "Contiguous streams (default: eval.batch_size, 16).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Use only the first N tokens of the split (0: all).")
 _MEM_LENS = flags.DEFINE_list("mem_lens", None, "Memory-length sweep, e.g. 64,128,256.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default: in the workdir).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON output path (default: in the workdir); with "
+                               "--mem_lens also the plot's, with .png.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Generate a continuation of this text instead.")
 _NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from lamemo_jax import data as data_lib
 from lamemo_jax.config import ConfigError
+from lamemo_jax.data.vocab import VocabError
 from lamemo_jax.evaluate import evaluate_tokens, generate, memory_sweep
 from lamemo_jax.experiment import ExperimentConfig
 from lamemo_jax.metrics import headline, plot_xy, unit_metrics
@@ -54,7 +55,16 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
         dropout=0.0, dropatt=0.0)
 
     if prompt is not None:
-        ids = ds.vocab.encode(prompt)
+        try:
+            ids = ds.vocab.encode(prompt)
+        except VocabError as err:
+            hint = ""
+            try:
+                ds.vocab.encode(prompt.lower())
+                hint = f"; the lowercased prompt fits: --prompt={prompt.lower()!r}"
+            except VocabError:
+                pass
+            raise ConfigError(f"--prompt ({ds.name}): {err}{hint}") from None
         print(prompt, end="", flush=True)
         sep = " " if ds.unit == "word" else ""
         new = generate(ecfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -73,14 +83,18 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
         rows = [{"mem_len": m, **r.to_dict(ds.unit)} for m, r in results]
         res = {"source": source, "split": split, "dataset": ds.name, "unit": ds.unit,
                "trained_mem_len": cfg.mem_len, "sweep": rows}
-        base = output[:-5] if output and output.endswith(".json") else os.path.join(out_dir, f"eval_{split}_memsweep")
-        with open(base + ".json", "w") as f:
+        # --output is the JSON's path; the plot goes next to it (".json" replaced by / plus ".png")
+        base = os.path.join(out_dir, f"eval_{split}_memsweep")
+        json_path = output or base + ".json"
+        if output:
+            base = output[:-5] if output.endswith(".json") else output
+        with open(json_path, "w") as f:
             json.dump(res, f, indent=2)
         metric = "ppl" if ds.unit == "word" else "bpc"
         res["plot"] = plot_xy({cfg.memory: ([r["mem_len"] for r in rows], [r[metric] for r in rows])},
                               base + ".png", "evaluation mem_len", f"{split} {metric}",
                               title=f"memory-length sweep (trained with mem_len {cfg.mem_len})", logx=True)
-        res["json"] = base + ".json"
+        res["json"] = json_path
         for r in rows:
             print(f"mem_len {r['mem_len']:6d}: loss {r['loss']:.4f} {headline(r['loss'], ds.unit)}",
                   file=sys.stderr)

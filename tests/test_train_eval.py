@@ -112,6 +112,20 @@ def test_eval_cli_number_equals_score_and_sweep(tiny_run):
     assert [r["mem_len"] for r in sweep["sweep"]] == [8, 16, 32]
     assert os.path.getsize(sweep["plot"]) > 1000 and os.path.exists(sweep["json"])
     assert abs(sweep["sweep"][1]["loss"] - res["loss"]) <= 1e-5  # mem_len 16 is the trained one
+    out = os.path.join(workdir, "my_sweep")  # --output: the JSON exactly there, the plot beside it
+    again = eval_run(workdir=workdir, split="valid", max_tokens=bs * (2 * n + 1), mem_lens=["8"], output=out)
+    assert again["json"] == out and json.load(open(out))["sweep"][0]["mem_len"] == 8
+    assert again["plot"] == out + ".png" and os.path.exists(out + ".png")
+
+
+def test_a_prompt_outside_the_vocabulary_is_a_clear_error(tiny_run):
+    from lamemo_jax.config import ConfigError
+    workdir, _ = tiny_run  # wiki_chars: lowercase letters and the space
+    with pytest.raises(ConfigError, match=r"--prompt \(wiki_chars\): .*'H'.*lowercased prompt fits: --prompt='hello world'"):
+        eval_run(workdir=workdir, prompt="Hello World")
+    with pytest.raises(ConfigError, match=r"--prompt \(wiki_chars\): .*'6'") as err:
+        eval_run(workdir=workdir, prompt="route 66")
+    assert "lowercased" not in str(err.value)
 
 
 def test_generation_is_deterministic_and_follows_the_prompt(tiny_run):
