@@ -1,7 +1,7 @@
 """LaMemo vs Transformer-XL at equal size and memory on real offline text (docs/results.md).
 
-    python -m benchmarks.compare --dataset=wiki_chars --seeds=0,1,2 --steps=600 --out=runs/compare
-    python -m benchmarks.compare --dataset=sotu_words --seeds=0,1,2 --steps=600 --out=runs/compare
+    python -m benchmarks.compare --dataset=wiki_chars --seeds=0,1,2 --out=runs/compare  # 400 steps
+    python -m benchmarks.compare --dataset=sotu_words --seeds=0,1,2 --out=runs/compare  # 1000 steps
 
 For each memory type and seed: trains configs/compare.py (4 layers, d_model 128, tgt_len = mem_len
 = 64; only the dataset, memory type and seed differ), evaluates the test split with the original
@@ -32,18 +32,23 @@ def run_one(dataset: str, memory: str, seed: int, steps: int, out: str) -> dict:
     cd = importlib.import_module("configs.compare").get_config(dataset)
     cd.model.memory = memory
     cd.train.seed = seed
-    cd.train.num_steps = steps
+    if steps:
+        cd.train.num_steps = steps
     cd.train.progress_bar = False
     workdir = os.path.join(out, dataset, f"{memory}_seed{seed}")
     summary = train_and_evaluate(cd, workdir)
-    return {"workdir": workdir, **summary}
+    if summary["step"] != cd.train.num_steps:  # a reused --out holding a longer run
+        raise SystemExit(f"{workdir} holds a run at step {summary['step']}, not {cd.train.num_steps}: "
+                         "use a new --out (or the same --steps) so the table says what was trained")
+    return {"workdir": workdir, "num_steps": cd.train.num_steps, **summary}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="wiki_chars", choices=["wiki_chars", "sotu_words", "wiki_bytes"])
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=0,
+                   help="training steps per run (default: configs/compare.py's, 400 chars / 1000 words)")
     p.add_argument("--mem_lens", default="16,32,64,128,256")  # trained with 64
     p.add_argument("--analysis_tokens", type=int, default=16 * 64 * 12)
     p.add_argument("--sweep_tokens", type=int, default=32768, help="test tokens used by the memory sweep")
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
             print(f"{args.dataset} {memory} seed {seed}: test loss {res.loss:.4f} "
                   f"{unit_metrics(res.loss, ds.unit)}", flush=True)
     metric = "ppl" if ds.unit == "word" else "bpc"
-    summary = {"dataset": args.dataset, "unit": ds.unit, "metric": metric, "steps": args.steps,
+    summary = {"dataset": args.dataset, "unit": ds.unit, "metric": metric, "steps": r["num_steps"],
                "seeds": seeds, "results": results}
     lines = [f"| memory | params | test {metric} mean ± std | per seed |", "|---|---|---|---|"]
     for memory in ("lamemo", "xl"):

@@ -1,8 +1,8 @@
 """LaMemo vs Transformer-XL on offline real text (docs/results.md), one run per memory and seed.
 
 Command (runs both memories and three seeds, then writes the tables and plots):
-    python -m benchmarks.compare --dataset=wiki_chars --seeds=0,1,2 --steps=600
-    python -m benchmarks.compare --dataset=sotu_words --seeds=0,1,2 --steps=600
+    python -m benchmarks.compare --dataset=wiki_chars --seeds=0,1,2     # 400 steps per run
+    python -m benchmarks.compare --dataset=sotu_words --seeds=0,1,2     # 1000 steps per run
 One run by hand:
     python train.py --config=configs/compare.py:wiki_chars --config.model.memory=xl --workdir=runs/c
 Hardware: a 2-core CPU, a few minutes per run. Params: 4 layers, d_model 128, 4 x 32 heads,
@@ -14,6 +14,7 @@ from lamemo_jax.data import default_config as data_config
 from lamemo_jax.experiment import base_config
 
 N_TOKEN = {"wiki_chars": 27, "wiki_bytes": 200, "sotu_words": 16766}
+STEPS = {"wiki_chars": 400, "wiki_bytes": 400, "sotu_words": 1000}  # the runs of docs/results.md
 
 
 def get_config(dataset: str = "wiki_chars"):
@@ -23,7 +24,7 @@ def get_config(dataset: str = "wiki_chars"):
                    dropout=0.1, dropatt=0.0, tgt_len=64, mem_len=64, memory="lamemo",
                    d_embed=128, cutoffs=(2000, 8000) if word else (), div_val=4 if word else 1)
     c.data = data_config(dataset)
-    c.train.update(batch_size=16, num_steps=600, optimizer="adam", learning_rate=1e-3,
+    c.train.update(batch_size=16, num_steps=STEPS[dataset], optimizer="adam", learning_rate=1e-3,
                    schedule="cosine", warmup_steps=50, min_learning_rate=1e-4, clip=0.25,
                    log_every=25, eval_every=0, eval_tokens=20_000, checkpoint_every=1000, seed=0)
     c.eval.update(tgt_len=64, mem_len=64, batch_size=16, split="test")
