@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import throughput
 
 
@@ -33,3 +35,18 @@ def test_targets_only_for_the_original_config_and_failed_variants_do_not_crash(t
     out = json.load(open(tmp_path / "b" / "throughput.json"))
     assert rc == 1 and all("error" in r for r in out["rows"])
     assert [c["ok"] for c in out["checks"]] == [False] and (tmp_path / "b" / "throughput.png").exists()
+
+
+def test_compare_refuses_a_reused_out_holding_a_run_at_other_steps(tmp_path, monkeypatch):
+    from benchmarks import compare
+    seen = {}
+
+    def fake_train(cd, workdir):  # the workdir already holds a longer run: training does nothing
+        seen["num_steps"] = cd.train.num_steps
+        return {"workdir": workdir, "step": 1000}
+
+    monkeypatch.setattr(compare, "train_and_evaluate", fake_train)
+    assert compare.run_one("sotu_words", "xl", 0, 0, str(tmp_path))["num_steps"] == 1000
+    assert seen["num_steps"] == 1000  # --steps 0: configs/compare.py's (the docs/results.md runs)
+    with pytest.raises(SystemExit, match="holds a run at step 1000, not 400"):
+        compare.run_one("sotu_words", "xl", 0, 400, str(tmp_path))
