@@ -37,6 +37,9 @@ def run_one(dataset: str, memory: str, seed: int, steps: int, out: str) -> dict:
     cd.train.progress_bar = False
     workdir = os.path.join(out, dataset, f"{memory}_seed{seed}")
     summary = train_and_evaluate(cd, workdir)
+    if summary.get("interrupted"):  # SIGTERM/SIGINT: the trainer saved and returned; stop here too
+        raise SystemExit(f"{workdir}: interrupted ({summary['interrupted']}) at step {summary['step']}; "
+                         "run the same command again to resume")
     if summary["step"] != cd.train.num_steps:  # a reused --out holding a longer run
         raise SystemExit(f"{workdir} holds a run at step {summary['step']}, not {cd.train.num_steps}: "
                          "use a new --out (or the same --steps) so the table says what was trained")

@@ -25,7 +25,7 @@ def get_config(dataset: str = "wiki_chars"):
                    d_embed=128, cutoffs=(2000, 8000) if word else (), div_val=4 if word else 1)
     c.data = data_config(dataset)
     c.train.update(batch_size=16, num_steps=STEPS[dataset], optimizer="adam", learning_rate=1e-3,
-                   schedule="cosine", warmup_steps=50, min_learning_rate=1e-4, clip=0.25,
+                   schedule="cosine", warmup_steps=100 if word else 50, min_learning_rate=1e-4, clip=0.25,
                    log_every=25, eval_every=0, eval_tokens=20_000, checkpoint_every=1000, seed=0)
     c.eval.update(tgt_len=64, mem_len=64, batch_size=16, split="test")
     return c

@@ -50,3 +50,8 @@ def test_compare_refuses_a_reused_out_holding_a_run_at_other_steps(tmp_path, mon
     assert seen["num_steps"] == 1000  # --steps 0: configs/compare.py's (the docs/results.md runs)
     with pytest.raises(SystemExit, match="holds a run at step 1000, not 400"):
         compare.run_one("sotu_words", "xl", 0, 400, str(tmp_path))
+    # a SIGTERM'd run (the trainer saved and returned) ends the comparison, not a table row
+    monkeypatch.setattr(compare, "train_and_evaluate",
+                        lambda cd, wd: {"workdir": wd, "step": 378, "interrupted": "SIGTERM"})
+    with pytest.raises(SystemExit, match=r"interrupted \(SIGTERM\) at step 378"):
+        compare.run_one("sotu_words", "xl", 0, 0, str(tmp_path))
