@@ -88,6 +88,7 @@ def _leaves(cd, prefix=""):
             yield f"{prefix}{k}", v, cd.get_type(k)
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # inside ml_collections
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_unset_field_can_be_set_from_the_command_line(name):
     """Fields left None (data.manual_dir, model.d_embed, ...) must be typed placeholders: absl
