@@ -84,15 +84,13 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
         res = {"source": source, "split": split, "dataset": ds.name, "unit": ds.unit,
                "trained_mem_len": cfg.mem_len, "sweep": rows}
         # --output is the JSON's path; the plot goes next to it (".json" replaced by / plus ".png")
-        base = os.path.join(out_dir, f"eval_{split}_memsweep")
-        json_path = output or base + ".json"
-        if output:
-            base = output[:-5] if output.endswith(".json") else output
+        json_path = output or os.path.join(out_dir, f"eval_{split}_memsweep.json")
+        png_path = (json_path[:-5] if json_path.endswith(".json") else json_path) + ".png"
         with open(json_path, "w") as f:
             json.dump(res, f, indent=2)
         metric = "ppl" if ds.unit == "word" else "bpc"
         res["plot"] = plot_xy({cfg.memory: ([r["mem_len"] for r in rows], [r[metric] for r in rows])},
-                              base + ".png", "evaluation mem_len", f"{split} {metric}",
+                              png_path, "evaluation mem_len", f"{split} {metric}",
                               title=f"memory-length sweep (trained with mem_len {cfg.mem_len})", logx=True)
         res["json"] = json_path
         for r in rows:

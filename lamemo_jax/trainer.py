@@ -158,13 +158,12 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.Gradient
         # optimizer-state buffer on every step (59 copies at the benchmark config).
         new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o),
                                            state.params, state.opt_state)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        empty = jax.tree.map(jnp.zeros_like, new_memory)
         new_state = TrainState(
             step=state.step + 1,
             params=new_params,
             opt_state=new_opt,
-            memory=keep(new_memory, empty),  # a non-finite step leaves no memory behind
+            memory=jax.tree.map(lambda m: jnp.where(finite, m, jnp.zeros_like(m)),  # a non-finite
+                                new_memory),  # step leaves no memory behind
             rng=state.rng,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
