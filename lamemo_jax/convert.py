@@ -16,7 +16,7 @@ with lookahead "disentangled" / "signed" / "future_content_bias" / "full".
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +43,10 @@ def config_from_torch(config: Mapping[str, Any], dtype: str = "float32") -> Mode
     if attn_type not in ATTN_TYPES:
         raise ConversionError(f"attn_type={attn_type} is not supported (supported: "
                               f"{sorted(ATTN_TYPES)}: 0 = Transformer-XL, 3x = LaMemo)")
+    # attn_norm_type (never read by the original's forward) and half_loss (a training-loss option
+    # of the original's train loop, no effect on the model) are accepted whatever their value.
     for key, ok in (("ext_len", lambda v: not v), ("pre_lnorm", lambda v: not v),
                     ("sample_softmax", lambda v: v is None or v <= 0),
-                    ("attn_norm_type", lambda v: not v), ("half_loss", lambda v: not v),
                     ("enhance_recurrence", lambda v: not v)):
         v = get(key)
         if v is not None and not ok(v):
@@ -69,6 +70,8 @@ def config_from_torch(config: Mapping[str, Any], dtype: str = "float32") -> Mode
             dtype=dtype, param_dtype=dtype)
     except TypeError as e:
         raise ConversionError(f"original config is missing a required key: {e}") from e
+    except ConfigError as e:  # e.g. attn_type 33 with mem_len < tgt_len (the original crashes too)
+        raise ConversionError(f"original config (attn_type={attn_type}) is not a valid model: {e}") from e
 
 
 def _param_map(cfg: ModelConfig):
@@ -201,7 +204,13 @@ def _valid_length(memory: Memory) -> int:
 
 
 def memory_to_torch(cfg: ModelConfig, memory: Memory) -> list:
-    """The original memory list: time-major [M, B, ...] arrays, M = tokens held."""
+    """The original memory list: time-major [M, B, ...] arrays, M = tokens held.
+
+    With ``mem_len = 0`` the original carries no memory at all (its forward returns only the
+    loss), so the list is empty.
+    """
+    if cfg.mem_len == 0:
+        return []
     m = _valid_length(memory)
     tm = lambda x: np.swapaxes(np.asarray(x), 0, 1)[x.shape[1] - m:]  # [B, Mb, ...] -> [M, B, ...]
     if isinstance(memory, XLMemory):
@@ -212,8 +221,18 @@ def memory_to_torch(cfg: ModelConfig, memory: Memory) -> list:
     return out
 
 
-def memory_from_torch(cfg: ModelConfig, mems) -> Memory:
-    """Inverse of ``memory_to_torch`` (right-aligned into ``cfg.mem_len`` slots)."""
+def memory_from_torch(cfg: ModelConfig, mems) -> Optional[Memory]:
+    """Inverse of ``memory_to_torch`` (right-aligned into ``cfg.mem_len`` slots).
+
+    The original's "no memory" (``None`` or an empty list, what it carries with ``mem_len = 0``)
+    gives None, which ``lamemo_jax.score`` and ``lamemo_jax.forward`` read as an empty memory.
+    """
+    if mems is None or len(mems) == 0:
+        if cfg.mem_len != 0:
+            raise ValueError(f"the memory list is empty but ModelConfig.mem_len={cfg.mem_len}: the "
+                             "original returns an empty list only with mem_len=0; pass memory=None "
+                             "to start from an empty memory instead")
+        return None
     mems = [np.asarray(x) for x in mems]
     m, b = mems[0].shape[:2]
     if m > cfg.mem_len:
@@ -267,19 +286,31 @@ def from_torch_checkpoint(path: str, config: Mapping[str, Any] | None = None):
 
 
 def _config_of_module(model) -> Dict[str, Any]:
-    """Constructor arguments recovered from an original MemTransformerLM instance."""
+    """Constructor arguments recovered from an original MemTransformerLM instance.
+
+    Every option that changes the model is read off the module (never assumed), so that
+    ``config_from_torch`` refuses what lamemo_jax does not implement (pre-LN, enhance_recurrence,
+    sampled softmax, ext_len) instead of converting it into a different model.
+    """
     try:
         layer = model.layers[0]
-        crit = model.crit
+        emb = model.word_emb
+        crit = getattr(model, "crit", None)  # absent with sample_softmax > 0
+        n_out = len(model.cutoffs) + 1 if crit is None else len(crit.out_layers)
+        tie_weight = crit is not None and all(
+            crit.out_layers[i].weight is emb.emb_layers[i].weight for i in range(n_out))
+        out_projs = [] if crit is None else list(crit.out_projs)
+        tie_projs = [out_projs[i] is not None and any(out_projs[i] is p for p in emb.emb_projs)
+                     if i < len(out_projs) else False for i in range(len(model.cutoffs) + 1)]
         return dict(
             n_token=model.n_token, n_layer=model.n_layer, n_head=model.n_head, d_model=model.d_model,
             d_head=model.d_head, d_inner=layer.pos_ff.d_inner, dropout=layer.pos_ff.dropout,
-            dropatt=float(layer.dec_attn.dropatt.p), tie_weight=True, d_embed=model.d_embed,
-            div_val=model.word_emb.div_val, cutoffs=list(model.cutoffs),
-            tie_projs=[crit.out_projs[i] is model.word_emb.emb_projs[min(i, len(model.word_emb.emb_projs) - 1)]
-                       if len(crit.out_projs) and crit.out_projs[i] is not None else False
-                       for i in range(len(model.cutoffs) + 1)],
-            pre_lnorm=False, tgt_len=model.tgt_len, ext_len=model.ext_len, mem_len=model.mem_len,
-            same_length=model.same_length, attn_type=model.attn_type, clamp_len=model.clamp_len)
+            dropatt=float(layer.dec_attn.dropatt.p), tie_weight=tie_weight, d_embed=model.d_embed,
+            div_val=emb.div_val, cutoffs=list(model.cutoffs),
+            tie_projs=tie_projs, pre_lnorm=bool(layer.pos_ff.pre_lnorm), tgt_len=model.tgt_len,
+            ext_len=model.ext_len, mem_len=model.mem_len, same_length=model.same_length,
+            attn_type=model.attn_type, clamp_len=model.clamp_len,
+            sample_softmax=getattr(model, "sample_softmax", -1),
+            enhance_recurrence=bool(getattr(model, "enhance_recurrence", False)))
     except AttributeError as e:
         raise ConversionError(f"cannot read the constructor arguments off the checkpoint's model: {e}")

@@ -1,5 +1,7 @@
 """Parity with the original PyTorch LaMemo / Transformer-XL (golden fixtures)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,69 @@ def test_converter_errors_name_the_problem():
     cfg = dict(fx["config"], pre_lnorm=True)
     with pytest.raises(convert.ConversionError, match="pre_lnorm"):
         convert.from_torch(cfg, fx["state_dict"])
+    # attn_type 33 needs mem_len >= tgt_len (the original crashes): a ConversionError, by name
+    cfg = dict(fx["config"], attn_type=33, mem_len=fx["config"]["tgt_len"] - 3)
+    with pytest.raises(convert.ConversionError, match="attn_type=33.*mem_len"):
+        convert.from_torch(cfg, fx["state_dict"])
+    # options the original's forward never reads (attn_norm_type) or reads only in training
+    # (half_loss) do not change the model: accepted
+    other = dict(fx["config"]["other_constructor_args"], attn_norm_type=1, half_loss=True)
+    cfg, _ = convert.from_torch(dict(fx["config"], other_constructor_args=other), fx["state_dict"])
+    assert cfg.memory == "lamemo"
+
+
+def _fake_original_module(fx, *, untie_weight=False, **options):
+    """An object with the attributes of the original MemTransformerLM that _config_of_module
+    reads (ties are object identity, as in the original's training script)."""
+    c = fx["config"]
+    emb_w = object()
+    ns = SimpleNamespace
+    layer = ns(pos_ff=ns(d_inner=c["d_inner"], dropout=c["dropout"], pre_lnorm=c["pre_lnorm"]),
+               dec_attn=ns(dropatt=ns(p=c["dropatt"])))
+    model = ns(n_token=c["n_token"], n_layer=c["n_layer"], n_head=c["n_head"], d_model=c["d_model"],
+               d_head=c["d_head"], d_embed=c["d_embed"], cutoffs=list(c["cutoffs"]),
+               tgt_len=c["tgt_len"], ext_len=c["ext_len"], mem_len=c["mem_len"],
+               same_length=c["same_length"], attn_type=c["attn_type"], clamp_len=c["clamp_len"],
+               sample_softmax=c["sample_softmax"], enhance_recurrence=False, layers=[layer],
+               word_emb=ns(div_val=c["div_val"], emb_layers=[ns(weight=emb_w)], emb_projs=[]),
+               crit=ns(out_layers=[ns(weight=object() if untie_weight else emb_w)], out_projs=[None]))
+    for k, v in options.items():
+        if k == "pre_lnorm":
+            layer.pos_ff.pre_lnorm = v
+        else:
+            setattr(model, k, v)
+    return model
+
+
+def test_whole_module_checkpoint_config_reads_every_option():
+    """from_torch_checkpoint on a torch.save'd model reads its options off the module: an untied
+    output layer is untied (it was refused as 'should be tied'), and pre-LN / enhance_recurrence
+    models are refused by name (they were converted into a different model)."""
+    fx = load_fixture("txl_basic")
+    args = convert._config_of_module(_fake_original_module(fx))
+    assert convert.config_from_torch(args) == convert.config_from_torch(fx["config"])
+    assert convert._config_of_module(_fake_original_module(fx, untie_weight=True))["tie_weight"] is False
+    for option in ("pre_lnorm", "enhance_recurrence"):
+        args = convert._config_of_module(_fake_original_module(fx, **{option: True}))
+        with pytest.raises(convert.ConversionError, match=option):
+            convert.config_from_torch(args)
+
+
+def test_mem_len_zero_carries_no_memory_like_the_original():
+    """With mem_len = 0 the original returns no memory list; the converters follow it."""
+    fx = load_fixture("txl_basic")
+    cfg, params = convert.from_torch(dict(fx["config"], mem_len=0), fx["state_dict"])
+    n = cfg.tgt_len
+    toks = fx["tokens"]
+    nll_full, memory = lamemo_jax.score(cfg, params, toks)
+    assert convert.memory_to_torch(cfg, memory) == []
+    assert convert.memory_from_torch(cfg, []) is None and convert.memory_from_torch(cfg, None) is None
+    nll_a, _ = lamemo_jax.score(cfg, params, toks[:, : toks.shape[1] - n])
+    nll_b, _ = lamemo_jax.score(cfg, params, toks[:, -n - 1:], memory=convert.memory_from_torch(cfg, []))
+    np.testing.assert_array_equal(np.concatenate([nll_a, nll_b], 1), nll_full)
+    cfg8, _ = convert.from_torch(fx["config"], fx["state_dict"])
+    with pytest.raises(ValueError, match="mem_len=8"):
+        convert.memory_from_torch(cfg8, [])
 
 
 def test_attn_type_names():
