@@ -18,7 +18,8 @@ executable) and, process-wide so far, peak host RSS and peak device memory. Writ
 targets in one run (ratios only, since these shared machines are noisy):
 
 * LaMemo's step at least 2x faster than the original PyTorch code measured on the project's
-  2-core CPU (53 / 91 / 136 / 307 ms at mem_len 64 / 128 / 256 / 512);
+  2-core CPU (53 / 91 / 136 / 307 ms at mem_len 64 / 128 / 256 / 512, the issue's timings;
+  ``benchmarks.original`` times the original itself, in the same run as ours);
 * LaMemo / XL step-time ratio within 10% of the LaMemo / XL FLOP ratio;
 * the look-ahead cost linear in mem_len (LaMemo time per extra memory token roughly constant).
 Exit status 1 if a target fails (2 on bad flags).

@@ -55,3 +55,14 @@ def test_compare_refuses_a_reused_out_holding_a_run_at_other_steps(tmp_path, mon
                         lambda cd, wd: {"workdir": wd, "step": 378, "interrupted": "SIGTERM"})
     with pytest.raises(SystemExit, match=r"interrupted \(SIGTERM\) at step 378"):
         compare.run_one("sotu_words", "xl", 0, 0, str(tmp_path))
+
+
+def test_original_benchmark_names_what_is_missing(tmp_path, capsys):
+    """benchmarks.original times the original PyTorch code, which lamemo_jax does not ship: bad
+    flags exit 2, and a missing torch or original checkout is a message that says which."""
+    from benchmarks import original
+    assert original.main([f"--original_dir={tmp_path}", "--mem_lens=0"]) == 2
+    assert original.main([f"--original_dir={tmp_path}", "--memories=lamemo,gpt"]) == 2
+    assert "--mem_lens" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="mem_transformer.py|PyTorch"):
+        original.main([f"--original_dir={tmp_path}"])
