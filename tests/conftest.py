@@ -15,8 +15,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 FIXTURE_DIR = os.path.join(ROOT, "tests", "fixtures", "torch-reference")
-FIXTURES = ["lamemo_basic", "lamemo_longmem", "lamemo_adaptive", "txl_basic", "txl_longmem",
-            "txl_adaptive"]
+REQUIRED_FIXTURES = ["lamemo_basic", "lamemo_longmem", "lamemo_adaptive", "txl_basic", "txl_longmem",
+                     "txl_adaptive"]
+# The six above must exist; any further fixture folder of the same format dropped next to them
+# (other shapes and seeds) is checked by the same parity tests.
+FIXTURES = REQUIRED_FIXTURES + sorted(
+    d for d in (os.listdir(FIXTURE_DIR) if os.path.isdir(FIXTURE_DIR) else [])
+    if d not in REQUIRED_FIXTURES and os.path.isfile(os.path.join(FIXTURE_DIR, d, "config.json")))
 
 
 def load_fixture(name: str) -> dict:
