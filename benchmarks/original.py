@@ -24,10 +24,12 @@ least 2x faster than the original's at some mem_len (2 on bad flags or a missing
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -37,20 +39,45 @@ TGT_LEN, BATCH, DROPOUT, LR, CLIP = 64, 8, 0.1, 2.5e-4, 0.25
 ATTN_TYPE = {"lamemo": 3, "xl": 0}
 
 
+class MissingOriginal(Exception):
+    """torch or the original code cannot be loaded; the message says which and how to fix it."""
+
+
 def load_original(original_dir: str):
-    """The original ``mem_transformer`` module from a checkout's ``pytorch`` folder."""
+    """The original ``mem_transformer`` module from a checkout's ``pytorch`` folder.
+
+    Two things of the unmodified checkout do not import on a CPU-only torch, and are bridged here
+    without touching the checkout: ``log_uniform_sampler`` (imported by ``mem_transformer.py`` but
+    absent from the repository; used only with sample_softmax > 0, never here) gets a stub that
+    raises if called, and ``utils/proj_adaptive_softmax.py``, which parses ``torch.version.cuda``
+    at import (None on a CPU build), sees "0.0" during the import (it only keeps the numbers).
+    """
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError as e:
-        raise SystemExit(f"benchmarks.original needs PyTorch (pip install torch==2.13.0): {e}")
+        raise MissingOriginal(f"benchmarks.original needs PyTorch (pip install torch==2.13.0): {e}")
     path = os.path.join(original_dir, "mem_transformer.py")
     if not os.path.isfile(path):
-        raise SystemExit(f"--original_dir={original_dir}: no mem_transformer.py there (give the "
-                         "'pytorch' folder of a checkout of https://github.com/thu-coai/LaMemo)")
+        raise MissingOriginal(f"--original_dir={original_dir}: no mem_transformer.py there (give the "
+                              "'pytorch' folder of a checkout of https://github.com/thu-coai/LaMemo)")
     for d in (os.path.join(original_dir, "utils"), original_dir):
         if d not in sys.path:
             sys.path.insert(0, d)
-    import mem_transformer
+    if importlib.util.find_spec("log_uniform_sampler") is None:
+        def unavailable(*args, **kwargs):
+            raise NotImplementedError("log_uniform_sampler is not part of the original checkout "
+                                      "(needed only with sample_softmax > 0)")
+        stub = types.ModuleType("log_uniform_sampler")
+        stub.LogUniformSampler = stub.sample_logits = unavailable
+        sys.modules["log_uniform_sampler"] = stub
+    cuda = torch.version.cuda
+    torch.version.cuda = cuda or "0.0"
+    try:
+        import mem_transformer
+    except Exception as e:  # noqa: BLE001 - any import failure of user code is reported by name
+        raise MissingOriginal(f"importing {path} failed: {type(e).__name__}: {e}") from e
+    finally:
+        torch.version.cuda = cuda
     return mem_transformer
 
 
@@ -122,7 +149,11 @@ def main(argv=None) -> int:
         print(f"--mem_lens must be positive integers, --memories a subset of {sorted(ATTN_TYPE)}, "
               "--steps >= 1", file=sys.stderr)
         return 2
-    mt = load_original(args.original_dir)
+    try:
+        mt = load_original(args.original_dir)
+    except MissingOriginal as e:
+        print(e, file=sys.stderr)
+        return 2
     import torch
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

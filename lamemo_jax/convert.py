@@ -52,6 +52,9 @@ def config_from_torch(config: Mapping[str, Any], dtype: str = "float32") -> Mode
         if v is not None and not ok(v):
             raise ConversionError(f"original option {key}={v!r} is not supported by lamemo_jax")
     memory, lookahead = ATTN_TYPES[attn_type]
+    if memory == "lamemo" and get("mem_len") is not None and int(get("mem_len")) <= 0:
+        raise ConversionError(f"attn_type={attn_type} with mem_len={get('mem_len')}: the original "
+                              "LaMemo cannot run without a memory (its interpolation needs one)")
     cutoffs = tuple(get("cutoffs") or ())
     tie_projs = get("tie_projs")
     if tie_projs is not None:
@@ -234,6 +237,8 @@ def memory_from_torch(cfg: ModelConfig, mems) -> Optional[Memory]:
                              "to start from an empty memory instead")
         return None
     mems = [np.asarray(x) for x in mems]
+    if all(x.size == 0 and x.ndim == 1 for x in mems):
+        return None  # the original's init_mems(): empty 1-D tensors, i.e. no token held yet
     m, b = mems[0].shape[:2]
     if m > cfg.mem_len:
         raise ValueError(f"memory holds {m} tokens but ModelConfig.mem_len={cfg.mem_len}")

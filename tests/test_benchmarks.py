@@ -64,5 +64,5 @@ def test_original_benchmark_names_what_is_missing(tmp_path, capsys):
     assert original.main([f"--original_dir={tmp_path}", "--mem_lens=0"]) == 2
     assert original.main([f"--original_dir={tmp_path}", "--memories=lamemo,gpt"]) == 2
     assert "--mem_lens" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="mem_transformer.py|PyTorch"):
-        original.main([f"--original_dir={tmp_path}"])
+    assert original.main([f"--original_dir={tmp_path}"]) == 2
+    assert any(s in capsys.readouterr().err for s in ("no mem_transformer.py", "needs PyTorch"))

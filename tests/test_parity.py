@@ -128,6 +128,24 @@ def test_whole_module_checkpoint_config_reads_every_option():
     fx = load_fixture("txl_basic")
     args = convert._config_of_module(_fake_original_module(fx))
     assert convert.config_from_torch(args) == convert.config_from_torch(fx["config"])
+    # adaptive, div_val 2: the tail projections are the embedding's objects, the head's is not
+    fx_a = load_fixture("lamemo_adaptive")
+    model = _fake_original_module(fx_a)
+    n_out = len(fx_a["config"]["cutoffs"]) + 1
+    tables = [object() for _ in range(n_out)]
+    emb_projs = [object() for _ in range(n_out)]
+    model.word_emb.emb_layers = [SimpleNamespace(weight=w) for w in tables]
+    model.word_emb.emb_projs = emb_projs
+    model.crit = SimpleNamespace(out_layers=[SimpleNamespace(weight=w) for w in tables],
+                                 out_projs=[object()] + emb_projs[1:])
+    args = convert._config_of_module(model)
+    assert args["tie_weight"] is True and args["tie_projs"] == [False, True, True]
+    assert convert.config_from_torch(args) == convert.config_from_torch(fx_a["config"])
+    # sampled softmax: the original has no crit; refused by name
+    model = _fake_original_module(fx, sample_softmax=10)
+    del model.crit
+    with pytest.raises(convert.ConversionError, match="sample_softmax"):
+        convert.config_from_torch(convert._config_of_module(model))
     assert convert._config_of_module(_fake_original_module(fx, untie_weight=True))["tie_weight"] is False
     for option in ("pre_lnorm", "enhance_recurrence"):
         args = convert._config_of_module(_fake_original_module(fx, **{option: True}))
@@ -150,6 +168,12 @@ def test_mem_len_zero_carries_no_memory_like_the_original():
     cfg8, _ = convert.from_torch(fx["config"], fx["state_dict"])
     with pytest.raises(ValueError, match="mem_len=8"):
         convert.memory_from_torch(cfg8, [])
+    # the original's own starting memory (init_mems: one empty 1-D tensor per entry) holds nothing
+    assert convert.memory_from_torch(cfg8, [np.zeros((0,))] * (cfg8.n_layer + 1)) is None
+    # LaMemo cannot run without a memory in the original (it crashes): refused by name
+    fx_l = load_fixture("lamemo_basic")
+    with pytest.raises(convert.ConversionError, match="mem_len=0"):
+        convert.from_torch(dict(fx_l["config"], mem_len=0), fx_l["state_dict"])
 
 
 def test_attn_type_names():
