@@ -17,7 +17,7 @@ The original's step is its training loop's: ``model(data, target, *mems)`` in tr
 returns ``[loss, mem_loss] + new_mems``), ``loss.float().mean()``, backward,
 ``clip_grad_norm_(0.25)``, ``optimizer.step()``, with the returned memory carried to the next
 step (``train_ddp.py``). Each variant first fills its memory, then the median of ``--steps`` steps
-is reported. Writes ``original.json`` under ``--out``; exit status 1 if our LaMemo step is not at
+is reported. Writes ``original.json`` (``original_data_parallel.json`` with ``--data_parallel``) under ``--out``; exit status 1 if our LaMemo step is not at
 least 2x faster than the original's at some mem_len (2 on bad flags or a missing torch/original).
 """
 
@@ -118,7 +118,7 @@ class OriginalTimer:
         self.times.append(time.perf_counter() - t)
 
 
-def ours(memory: str, mem_len: int):
+def ours(memory: str, mem_len: int, mesh=None):
     """Our TrainTimer at the same config (benchmarks.throughput's defaults)."""
     from benchmarks.throughput import TrainTimer
     from lamemo_jax import ModelConfig
@@ -126,7 +126,7 @@ def ours(memory: str, mem_len: int):
                       d_head=D_HEAD, d_inner=D_INNER, tgt_len=TGT_LEN, mem_len=mem_len,
                       dropout=DROPOUT, dropatt=0.0, memory=memory, dtype="float32",
                       attention_impl="xla")
-    return TrainTimer(cfg, BATCH)
+    return TrainTimer(cfg, BATCH, mesh)
 
 
 def main(argv=None) -> int:
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=15, help="timed steps per variant (median)")
     p.add_argument("--torch_threads", type=int, default=0,
                    help="torch.set_num_threads (0: torch's default, one per core)")
+    p.add_argument("--data_parallel", action="store_true",
+                   help="run our step data parallel over every local device (with "
+                        "JAX_NUM_CPU_DEVICES=2 on the 2-core CPU: one device per core)")
     p.add_argument("--out", default="", help="folder for original.json (none: print only)")
     args = p.parse_args(argv)
     try:
@@ -157,12 +160,18 @@ def main(argv=None) -> int:
     import torch
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    mesh = None
+    if args.data_parallel:
+        from benchmarks.throughput import data_parallel_mesh
+        from lamemo_jax.sharding import describe
+        mesh = data_parallel_mesh()
+        print(f"ours: data parallel over {describe(mesh)}", flush=True)
     rows = []
     for m in mem_lens:
         timers = {}
         for mem in memories:
             timers[("original", mem)] = OriginalTimer(mt, mem, m)
-            timers[("ours", mem)] = ours(mem, m)
+            timers[("ours", mem)] = ours(mem, m, mesh)
         live = list(timers.items())
         for r in range(args.steps):
             for _, t in (live if r % 2 == 0 else live[::-1]):
@@ -181,11 +190,13 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                "ours_devices": 1 if mesh is None else mesh.size,
                 "steps": args.steps, "batch": BATCH, "tgt_len": TGT_LEN,
                 "date": time.strftime("%Y-%m-%d")}
         import jax
         meta["jax"] = jax.__version__
-        with open(os.path.join(args.out, "original.json"), "w") as f:
+        name = "original_data_parallel.json" if mesh is not None else "original.json"
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump({"meta": meta, "rows": rows, "targets": checks}, f, indent=1)
     return 0 if all(c["ok"] for c in checks) else 1
 

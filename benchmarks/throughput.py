@@ -42,9 +42,11 @@ import numpy as np
 from benchmarks.memory import compiled_mb, device_peak_mb
 from lamemo_jax import ModelConfig, init_memory
 from lamemo_jax.api import _score_jit
-from lamemo_jax.experiment import TrainConfig
+from lamemo_jax import sharding as shard_lib
+from lamemo_jax.experiment import MeshConfig, TrainConfig
 from lamemo_jax.flops import device_peak_flops, forward_flops, train_step_flops
-from lamemo_jax.trainer import init_train_state, make_optimizer, make_train_step
+from lamemo_jax.trainer import (init_sharded_train_state, init_train_state, make_optimizer,
+                                make_train_step)
 
 ORIGINAL_LAMEMO_MS = {64: 53.0, 128: 91.0, 256: 136.0, 512: 307.0}
 ORIGINAL_XL_MS = {64: 31.0, 128: 37.0, 256: 49.0, 512: 70.0}
@@ -95,17 +97,34 @@ def _base_config(args, memory: str, mem_len: int, impl: str) -> ModelConfig:
                        attention_impl=impl)
 
 
-class TrainTimer:
-    """One variant's jitted train step, compiled and with its memory filled, timed one step at a time."""
+def data_parallel_mesh():
+    """The trainer's default mesh (data parallel) over every local device: with
+    JAX_NUM_CPU_DEVICES=2 the batch rows run on the two cores as two CPU devices."""
+    return shard_lib.make_mesh(MeshConfig(), jax.local_devices())
 
-    def __init__(self, cfg: ModelConfig, batch: int):
+
+class TrainTimer:
+    """One variant's jitted train step, compiled and with its memory filled, timed one step at a time.
+
+    ``mesh``: jit the step sharded over it as the trainer does (None: one device)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, mesh=None):
         tc = TrainConfig(batch_size=batch, learning_rate=2.5e-4, clip=0.25, num_steps=10**6)
         opt = make_optimizer(tc)
-        self.state = init_train_state(cfg, tc, opt, batch)
         rng = np.random.default_rng(0)
         self.x = jnp.asarray(rng.integers(0, cfg.n_token, (batch, cfg.tgt_len)), jnp.int32)
         self.sos = jnp.zeros((batch,), bool)
-        jitted = jax.jit(make_train_step(cfg, tc, opt), donate_argnums=(0,))
+        if mesh is None:
+            self.state = init_train_state(cfg, tc, opt, batch)
+            jitted = jax.jit(make_train_step(cfg, tc, opt), donate_argnums=(0,))
+        else:
+            self.state, state_sh = init_sharded_train_state(cfg, tc, opt, batch, mesh)
+            rows_sh = shard_lib.batch_sharding(mesh, self.x.shape)
+            sos_sh = shard_lib.batch_sharding(mesh, self.sos.shape)
+            self.x, self.sos = jax.device_put(self.x, rows_sh), jax.device_put(self.sos, sos_sh)
+            jitted = jax.jit(make_train_step(cfg, tc, opt, mesh), donate_argnums=(0,),
+                             in_shardings=(state_sh, rows_sh, rows_sh, sos_sh),
+                             out_shardings=(state_sh, shard_lib.replicated(mesh)))
         compiled = jitted.lower(self.state, self.x, self.x, self.sos).compile()
         self.step_mb = compiled_mb(compiled)  # this variant's executable, whatever else is alive
         self.step = compiled
@@ -126,7 +145,7 @@ class TrainTimer:
                 float(np.percentile(self.times, 90)))
 
 
-def time_interleaved(cfgs, batch: int, steps: int):
+def time_interleaved(cfgs, batch: int, steps: int, mesh=None):
     """Times the variants' steps in interleaved rounds, alternating the order (A B C, C B A, ...):
     a slow phase of a shared machine then hits every variant alike, so their ratios hold, and no
     variant always follows the same neighbour. Returns one entry per variant: its TrainTimer, or
@@ -134,7 +153,7 @@ def time_interleaved(cfgs, batch: int, steps: int):
     timers = []
     for c in cfgs:
         try:
-            timers.append(TrainTimer(c, batch))
+            timers.append(TrainTimer(c, batch, mesh))
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
             timers.append(e)
     live = [t for t in timers if isinstance(t, TrainTimer)]
@@ -179,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--no_targets", action="store_true", help="only measure (other configs)")
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation throughput")
+    p.add_argument("--data_parallel", action="store_true",
+                   help="shard the train step's batch over every local device, as the trainer does "
+                        "(on a CPU host: JAX_NUM_CPU_DEVICES=<cores> makes each core a device)")
     args = p.parse_args(argv)
     if args.config:
         exp = load_config_file(args.config)
@@ -212,11 +234,13 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch {args.batch}, "
           f"tgt_len {args.tgt_len}, {args.n_layer}L d{args.d_model} {args.n_head}x{args.d_head} "
           f"ff{args.d_inner} vocab {args.n_token}, {args.dtype}"
+          + (f", data parallel over {shard_lib.describe(data_parallel_mesh())}" if args.data_parallel else "")
           + (f", overrides {parse_overrides(args.set)}" if args.set else ""), flush=True)
     for m in mem_lens:
         variants = [(memory, impl) for memory in memories for impl in impls]
         cfgs = [base_config(args, memory, m, impl) for memory, impl in variants]
-        timers = time_interleaved(cfgs, args.batch, args.steps)
+        timers = time_interleaved(cfgs, args.batch, args.steps,
+                                  data_parallel_mesh() if args.data_parallel else None)
         for (memory, impl), cfg, timer in zip(variants, cfgs, timers):
             head = {"memory": memory, "mem_len": m, "attention_impl": impl,
                     "overrides": parse_overrides(args.set)}
