@@ -43,8 +43,8 @@ def config_from_torch(config: Mapping[str, Any], dtype: str = "float32") -> Mode
     if attn_type not in ATTN_TYPES:
         raise ConversionError(f"attn_type={attn_type} is not supported (supported: "
                               f"{sorted(ATTN_TYPES)}: 0 = Transformer-XL, 3x = LaMemo)")
-    # attn_norm_type (never read by the original's forward) and half_loss (a training-loss option
-    # of the original's train loop, no effect on the model) are accepted whatever their value.
+    # attn_norm_type (never read by the original's forward) and half_loss (a loss mask the
+    # original applies only in train mode; no effect on the model) are accepted whatever their value.
     for key, ok in (("ext_len", lambda v: not v), ("pre_lnorm", lambda v: not v),
                     ("sample_softmax", lambda v: v is None or v <= 0),
                     ("enhance_recurrence", lambda v: not v)):
