@@ -33,9 +33,14 @@ import types
 
 import numpy as np
 
-# the step of benchmarks.throughput (its ORIGINAL_CONFIG) in the original's constructor arguments
-N_TOKEN, N_LAYER, N_HEAD, D_MODEL, D_HEAD, D_INNER = 1000, 2, 4, 128, 32, 512
-TGT_LEN, BATCH, DROPOUT, LR, CLIP = 64, 8, 0.1, 2.5e-4, 0.25
+from benchmarks.throughput import ORIGINAL_CONFIG, TrainTimer, run_rounds
+from lamemo_jax import ModelConfig
+
+# the step of benchmarks.throughput (its ORIGINAL_CONFIG; dropout 0.1, Adam 2.5e-4, clip 0.25)
+C = ORIGINAL_CONFIG
+N_TOKEN, N_LAYER, N_HEAD, D_MODEL = C["n_token"], C["n_layer"], C["n_head"], C["d_model"]
+D_HEAD, D_INNER, TGT_LEN, BATCH = C["d_head"], C["d_inner"], C["tgt_len"], C["batch"]
+DROPOUT, LR, CLIP = 0.1, 2.5e-4, 0.25
 ATTN_TYPE = {"lamemo": 3, "xl": 0}
 
 
@@ -120,8 +125,6 @@ class OriginalTimer:
 
 def ours(memory: str, mem_len: int, mesh=None):
     """Our TrainTimer at the same config (benchmarks.throughput's defaults)."""
-    from benchmarks.throughput import TrainTimer
-    from lamemo_jax import ModelConfig
     cfg = ModelConfig(n_token=N_TOKEN, n_layer=N_LAYER, d_model=D_MODEL, n_head=N_HEAD,
                       d_head=D_HEAD, d_inner=D_INNER, tgt_len=TGT_LEN, mem_len=mem_len,
                       dropout=DROPOUT, dropatt=0.0, memory=memory, dtype="float32",
@@ -172,10 +175,7 @@ def main(argv=None) -> int:
         for mem in memories:
             timers[("original", mem)] = OriginalTimer(mt, mem, m)
             timers[("ours", mem)] = ours(mem, m, mesh)
-        live = list(timers.items())
-        for r in range(args.steps):
-            for _, t in (live if r % 2 == 0 else live[::-1]):
-                t.time_one()
+        run_rounds(list(timers.values()), args.steps)
         ms = {k: 1e3 * float(np.median(t.times)) for k, t in timers.items()}
         for mem in memories:
             o, u = ms[("original", mem)], ms[("ours", mem)]

@@ -156,11 +156,15 @@ def time_interleaved(cfgs, batch: int, steps: int, mesh=None):
             timers.append(TrainTimer(c, batch, mesh))
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
             timers.append(e)
-    live = [t for t in timers if isinstance(t, TrainTimer)]
-    for r in range(steps):
-        for t in (live if r % 2 == 0 else live[::-1]):
-            t.time_one()
+    run_rounds([t for t in timers if isinstance(t, TrainTimer)], steps)
     return timers
+
+
+def run_rounds(timers, steps: int) -> None:
+    """``steps`` rounds of one ``time_one()`` per timer, the order alternating (A B C, C B A, ...)."""
+    for r in range(steps):
+        for t in (timers if r % 2 == 0 else timers[::-1]):
+            t.time_one()
 
 
 def time_eval(cfg: ModelConfig, batch: int, segments: int = 8):
@@ -231,16 +235,16 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     peak = device_peak_flops()
     rows = []
+    mesh = data_parallel_mesh() if args.data_parallel else None
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch {args.batch}, "
           f"tgt_len {args.tgt_len}, {args.n_layer}L d{args.d_model} {args.n_head}x{args.d_head} "
           f"ff{args.d_inner} vocab {args.n_token}, {args.dtype}"
-          + (f", data parallel over {shard_lib.describe(data_parallel_mesh())}" if args.data_parallel else "")
+          + (f", data parallel over {shard_lib.describe(mesh)}" if mesh is not None else "")
           + (f", overrides {parse_overrides(args.set)}" if args.set else ""), flush=True)
     for m in mem_lens:
         variants = [(memory, impl) for memory in memories for impl in impls]
         cfgs = [base_config(args, memory, m, impl) for memory, impl in variants]
-        timers = time_interleaved(cfgs, args.batch, args.steps,
-                                  data_parallel_mesh() if args.data_parallel else None)
+        timers = time_interleaved(cfgs, args.batch, args.steps, mesh)
         for (memory, impl), cfg, timer in zip(variants, cfgs, timers):
             head = {"memory": memory, "mem_len": m, "attention_impl": impl,
                     "overrides": parse_overrides(args.set)}
