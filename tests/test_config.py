@@ -111,3 +111,19 @@ def test_every_unset_field_can_be_set_from_the_command_line(name):
         for part in path.split("."):
             got = got[part]
         assert got == value, (name, path, got)
+
+
+def test_configs_and_the_train_step_need_no_tensorflow_datasets():
+    """A GPU machine's image may have jax but not tensorflow-datasets: a config file, the model and
+    the benchmarks' train step must still import (tfds loads with the data pipeline, on first use)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['tensorflow_datasets'] = None\n"
+            "import benchmarks.throughput as t, benchmarks.profile_step, lamemo_jax.trainer\n"
+            "print(t.load_config_file('configs/wt103.py').model.n_token)\n"
+            "import lamemo_jax.data as d\n"
+            "try:\n    d.load\nexcept ImportError as e:\n    print('lazy', e.name)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["267735", "lazy", "tensorflow_datasets"]

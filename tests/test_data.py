@@ -359,7 +359,7 @@ def test_sotu_words_whole_documents_and_wikitext_rules(offline, tmp_path):
     assert wt.vocab == ds.vocab
     for s in data.SPLITS:
         np.testing.assert_array_equal(wt.split(s), ds.split(s))
-    # readable with tfds.data_source once lamemo_jax.data is imported
+    # readable with tfds.data_source once lamemo_jax.data.builders is imported (data.load imports it)
     src = tfds.data_source("sotu_words", data_dir=ds.config.tfds_dir_)
     first = src["train"][0]
     np.testing.assert_array_equal(first["ids"], ds.split("train")[: len(first["ids"])])

@@ -70,7 +70,7 @@ Where files go
   the folder to put it in. A sha256 mismatch is a ``ChecksumError`` naming the file (never used).
 * Built datasets: tfds ArrayRecord files in ``<data_dir>/tfds/<name>/<config>/1.0.0/`` (vocabulary
   and counts in ``metadata.json``; readable with ``tfds.data_source(name, data_dir=<data_dir>/tfds)``
-  once this package is imported; a non-default config needs
+  once ``lamemo_jax.data.builders`` is imported (``data.load`` imports it); a non-default config needs
   ``builder_kwargs={"config": data.builders.builder_config_for(DataConfig(...))}``), plus the
   ``tokens-<split>.npy`` caches written on first ``split()``.
   A second run downloads and builds nothing.
@@ -94,10 +94,24 @@ from lamemo_jax.data.config import (
     default_config,
 )
 from lamemo_jax.data.corpora import SPLITS, split_bounds
-from lamemo_jax.data.dataset import Dataset, load, unigram_nll
 from lamemo_jax.data.stream import Batch, StreamError, TrainStream, eval_batches, eval_num_targets
 from lamemo_jax.data.vocab import EOS, UNK, Vocab, VocabError
-from lamemo_jax.data import builders  # registers the tfds builders  # noqa: E402
+
+# The parts that need tensorflow-datasets load on first use, so that a config file (which imports
+# ``default_config`` from here) and the model run where only jax is installed (e.g. a GPU
+# machine's image, to benchmark a config).
+_LAZY = {"Dataset": "lamemo_jax.data.dataset", "load": "lamemo_jax.data.dataset",
+         "unigram_nll": "lamemo_jax.data.dataset", "builders": "lamemo_jax.data.builders"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod = importlib.import_module(_LAZY[name])
+        value = mod if name == "builders" else getattr(mod, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lamemo_jax.data' has no attribute {name!r}")
 
 __all__ = [
     "BENCHMARKS", "DATASETS", "OFFLINE_CORPORA", "SPLITS", "STANDARD_TEST_SIZE", "STANDARD_TOTAL_SIZE",

@@ -4,7 +4,7 @@ Each example is one chunk of a split's flat token stream: ``{"index": int64, "id
 written in order (``disable_shuffling=True``); concatenating the chunks by ``index`` gives the
 split. The vocabulary (``Vocab.to_json()``), the unit, the tokens per split and the provenance of
 the raw files (paths, sha256) are in ``info.metadata``. Read with ``tfds.data_source`` after
-``import lamemo_jax.data`` (which registers these builders), e.g.
+``import lamemo_jax.data.builders`` (which registers these builders), e.g.
 ``tfds.data_source("sotu_words", data_dir=<data_dir>/tfds)``.
 
 Options that change the content are builder configs: predefined ones (``default``,
