@@ -14,12 +14,19 @@
 #                 tokens/s and MFU -> tp/throughput.json
 #   throughput_chunked  the same LaMemo step with the fused chunked cross-entropy
 #                 (model.softmax_chunk=2048) -> tpc/throughput.json
+#   output_layer  python -m benchmarks.output_layer: the wt103 output layer alone, its variants
+#                 (autodiff, custom_vjp, padding, chunks) -> output_layer.json
+#   profile       python -m benchmarks.profile_step: where the LaMemo and XL steps' device time
+#                 goes (kernels by kind and by op, busy vs wall) -> prof/profile.json
+# All stages together need up to ~16 minutes (their limits); a shorter lease runs some of them:
+# STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
+# (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
 set -u
 OUT=${1:?usage: $0 OUTDIR [config] [steps]}
 CONFIG=${2:-configs/wt103.py}
 STEPS=${3:-10}
-mkdir -p "$OUT/tp" "$OUT/tpc"
+mkdir -p "$OUT/tp" "$OUT/tpc" "$OUT/prof"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -28,10 +35,15 @@ LIMIT_TESTS=${LIMIT_TESTS:-150}
 LIMIT_BENCH=${LIMIT_BENCH:-110}
 LIMIT_TP=${LIMIT_TP:-200}
 LIMIT_TPC=${LIMIT_TPC:-90}
+LIMIT_OL=${LIMIT_OL:-80}
+LIMIT_PROF=${LIMIT_PROF:-230}
+
+STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile}
 
 stage() {
   local name=$1 limit=$2 start rc
   shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name (limit ${limit}s) $(date +%T)"
   start=$(date +%s)
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -53,3 +65,6 @@ stage throughput "$LIMIT_TP" "$PY" -m benchmarks.throughput --config="$CONFIG" -
   --memories=lamemo,xl --attention_impls=pallas,xla --steps="$STEPS" --no_eval --out="$OUT/tp"
 stage throughput_chunked "$LIMIT_TPC" "$PY" -m benchmarks.throughput --config="$CONFIG" --dtype=bfloat16 \
   --memories=lamemo --attention_impls=xla --set softmax_chunk=2048 --steps="$STEPS" --no_eval --out="$OUT/tpc"
+stage output_layer "$LIMIT_OL" "$PY" -m benchmarks.output_layer --iters 10 --json "$OUT/output_layer.json"
+stage profile "$LIMIT_PROF" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
+  --variant lamemo: --variant xl:memory=xl --steps="$STEPS" --trace_steps 2 --top 30 --out="$OUT/prof"

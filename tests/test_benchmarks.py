@@ -78,3 +78,49 @@ def test_throughput_data_parallel_runs_the_trainers_sharded_step(tmp_path):
     rows = json.load(open(tmp_path / "throughput.json"))["rows"]
     assert rc == 0 and {r["memory"] for r in rows} == {"lamemo", "xl"}
     assert all(r["step_ms"] > 0 and "error" not in r for r in rows)
+
+
+def test_profile_summary_sums_device_kernels_per_step():
+    """Busy time is the union of the kernels' intervals (overlaps counted once), kernels inside a
+    CUDA graph (hlo_op command_buffer_N) are named by kernel, derived lines and host events are
+    left out."""
+    from benchmarks.profile_step import summarize_trace
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "Stream #8(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "XLA Ops"}}]
+    k = [("gemm_fusion_dot_1", 7, 0, 400, "command_buffer_1"), ("loop_add_fusion", 8, 300, 200, "add.3"),
+         ("nvjet_sm90_tss", 7, 1000, 300, "command_buffer_1"), ("memcpy32_post", 7, 1400, 100, None)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+                      "args": {"hlo_op": op} if op else {}} for name, tid, ts, dur, op in k]
+    events += [{"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 5000, "name": "fusion.1"},
+               {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 9000, "name": "PjitFunction"}]
+    s = summarize_trace({"traceEvents": events}, n_steps=2)
+    assert s["device_kernels"] == 4 and s["kernels_per_step"] == 2
+    assert s["kernel_ms_per_step"] == pytest.approx(1e-3 * 1000 / 2)
+    assert s["busy_ms_per_step"] == pytest.approx(1e-3 * 900 / 2)  # [0, 500) + [1000, 1300) + [1400, 1500)
+    assert s["span_ms_per_step"] == pytest.approx(1e-3 * 1500 / 2)
+    assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.35, "fusion": 0.1, "copy": 0.05})
+    assert [o["op"] for o in s["top_ops"]] == ["gemm_fusion_dot_1", "nvjet_sm90_tss", "add.3", "memcpy32_post"]
+    assert summarize_trace({"traceEvents": meta[1:2]}, 1) == {"device_kernels": 0}
+
+
+def test_profile_step_and_output_layer_run_on_cpu(tmp_path, capsys):
+    from benchmarks import output_layer, profile_step
+    small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=4"
+    rc = profile_step.main(["--config=configs/tiny.py", "--dtype=float32", "--batch=2", "--steps=2",
+                            "--trace_steps=1", f"--variant=a:{small}", f"--variant=x:{small},memory=xl",
+                            "--keep=a", f"--out={tmp_path}"])
+    out = json.load(open(tmp_path / "profile.json"))
+    assert rc == 0 and [r["variant"] for r in out["rows"]] == ["a", "x"]
+    assert all(r["step_ms"] > 0 and r["profile"]["traced_wall_ms_per_step"] > 0 for r in out["rows"])
+    assert (tmp_path / "trace_a.json.gz").exists() and (tmp_path / "hlo_a.txt.gz").exists()
+    with pytest.raises(SystemExit):
+        profile_step.main(["--config=configs/tiny.py", "--variant=bad", f"--out={tmp_path}"])
+    assert "NAME:FIELD=VALUE" in capsys.readouterr().err
+    assert output_layer.main(["--tokens=16", "--d=6", "--vocab=37", "--iters=1", "--chunk=5",
+                              "--dtype=float32", f"--json={tmp_path / 'ol.json'}"]) == 0
+    rows = json.load(open(tmp_path / "ol.json"))["rows"]
+    assert [r["variant"] for r in rows] == ["autodiff", "fused", "fused_padv", "fused_padvd", "chunk"]
+    assert all(r["error_vs_first"] < 1e-5 for r in rows)

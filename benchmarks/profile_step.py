@@ -1,0 +1,246 @@
+"""Where a training step's device time goes: times variants of one config, then traces a few steps
+of each with the JAX profiler and sums the device kernels by XLA op and by kind.
+
+    python -m benchmarks.profile_step --config=configs/wt103.py --dtype=bfloat16 \
+        --variant plain: --variant chunk:softmax_chunk=2048 --variant xl:memory=xl --out=runs/prof
+
+Each ``--variant NAME:FIELD=VALUE,...`` is the config's model with those ModelConfig fields
+changed (``NAME:`` alone: unchanged). For each variant: compile, fill the memory, time
+``--steps`` steps (interleaved with the other variants, as benchmarks.throughput does), then
+trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
+reports, per step: the device's busy time (the union of its kernels' intervals) against the
+step's wall time (the gap is launch / host overhead), the time by kind of kernel (matrix
+products, fusions, copies, collectives, custom calls such as Pallas/Triton), and the XLA ops
+that take the most time. Writes ``profile.json`` (and, for each ``--keep NAME``, that variant's
+trace and its compiled HLO, where the ops' names are defined). On a CPU the trace has no device kernels; only the step times are measured there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import glob
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.throughput import TrainTimer, base_config, load_config_file, run_rounds
+from lamemo_jax.flops import device_peak_flops, train_step_flops
+
+# kernel-name fragments -> kind (first match wins; names are lower-cased)
+KINDS = (
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "matmul", "dot")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("collective", ("nccl", "all_reduce", "all-reduce", "allreduce", "all_gather", "reduce_scatter")),
+    ("pallas/triton", ("triton", "pallas", "mosaic")),
+    ("fusion", ("fusion", "reduce", "loop_", "input_", "convert", "transpose", "scatter", "gather",
+                "select", "slice", "concatenate", "pad", "rng", "broadcast", "add", "multiply")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, frags in KINDS:
+        if any(f in low for f in frags):
+            return kind
+    return "other"
+
+
+def busy_time(intervals) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, -np.inf
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
+    """Device-kernel time of a Chrome-format trace (``jax.profiler`` output), per step.
+
+    Device kernels are the complete ("X") events on a process named ``/device:...`` whose thread
+    is a stream (not the derived "XLA Ops" / "XLA Modules" / "Steps" lines)."""
+    events = trace.get("traceEvents", [])
+    pnames, tnames = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            pnames[e["pid"]] = e.get("args", {}).get("name", "")
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            tnames[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
+    dev_pids = {p for p, n in pnames.items() if n.startswith("/device:")}
+    kernels = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in dev_pids:
+            continue
+        tname = tnames.get((e["pid"], e.get("tid")), "")
+        if tname.startswith(("XLA Ops", "XLA Modules", "Steps", "TensorFlow", "Framework", "Source")):
+            continue
+        kernels.append(e)
+    if not kernels:
+        return {"device_kernels": 0}
+    per_step = 1e-3 / n_steps  # trace times are microseconds -> ms per step
+    by_kind = collections.Counter()
+    by_op = collections.Counter()
+    op_kernel = {}
+    op_count = collections.Counter()
+    for e in kernels:
+        args = e.get("args", {}) or {}
+        op = args.get("hlo_op") or e["name"]
+        if op.startswith("command_buffer"):  # a CUDA graph of many ops: its kernels by name instead
+            op = e["name"]
+        by_kind[kernel_kind(e["name"])] += e["dur"]
+        by_op[op] += e["dur"]
+        op_count[op] += 1
+        op_kernel.setdefault(op, e["name"][:120])
+    busy = busy_time((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    total = sum(by_kind.values())
+    return {
+        "device_kernels": len(kernels),
+        "kernels_per_step": len(kernels) / n_steps,
+        "kernel_ms_per_step": total * per_step,
+        "busy_ms_per_step": busy * per_step,
+        "span_ms_per_step": span * per_step,
+        "by_kind_ms_per_step": {k: v * per_step for k, v in by_kind.most_common()},
+        "top_ops": [{"op": op, "ms_per_step": t * per_step, "share": t / total,
+                     "launches_per_step": op_count[op] / n_steps, "kernel": op_kernel[op]}
+                    for op, t in by_op.most_common(top)],
+    }
+
+
+def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dict:
+    """Traces n_steps of ``timer``'s step and summarizes the device kernels."""
+    d = tempfile.mkdtemp(prefix="lamemo_prof_")
+    try:
+        jax.block_until_ready(timer.state)
+        with jax.profiler.trace(d):
+            t = time.perf_counter()
+            for _ in range(n_steps):
+                timer.state, m = timer.step(timer.state, timer.x, timer.x, timer.sos)
+            jax.block_until_ready((timer.state, m))
+            wall = (time.perf_counter() - t) * 1e3 / n_steps
+        paths = glob.glob(os.path.join(d, "plugins", "profile", "*", "*.trace.json.gz"))
+        if not paths:
+            return {"error": "the profiler wrote no trace.json.gz", "traced_wall_ms_per_step": wall}
+        with gzip.open(paths[0], "rb") as f:
+            summary = summarize_trace(json.load(f), n_steps)
+        if keep:
+            shutil.copy(paths[0], keep)
+        return {"traced_wall_ms_per_step": wall, **summary}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, {FIELD: value})."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not name:
+        raise ValueError(f"--variant {spec!r}: expected NAME:FIELD=VALUE,... (NAME: alone for none)")
+    fields = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--variant {spec!r}: {item!r} is not FIELD=VALUE")
+        try:
+            fields[key] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            fields[key] = val
+    return name, fields
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--attention_impl", default="xla")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...")
+    p.add_argument("--batch", type=int, default=None, help="default: the config's")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--trace_steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=12, help="ops printed per variant")
+    p.add_argument("--keep", action="append", default=[], metavar="NAME",
+                   help="also write this variant's trace and compiled HLO text (repeatable)")
+    p.add_argument("--out", default="runs/profile")
+    args = p.parse_args(argv)
+    exp = load_config_file(args.config)
+    batch = args.batch or exp.train.batch_size
+    specs = args.variant or ["default:"]
+    ns = argparse.Namespace(config=args.config, dtype=args.dtype, set=[])
+    try:
+        variants = []
+        for spec in specs:
+            name, fields = parse_variant(spec)
+            memory = fields.pop("memory", exp.model.memory)
+            mem_len = fields.pop("mem_len", exp.model.mem_len)
+            impl = fields.pop("attention_impl", args.attention_impl)
+            variants.append((name, base_config(ns, memory, mem_len, impl).replace(**fields)))
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    os.makedirs(args.out, exist_ok=True)
+    peak = device_peak_flops()
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config {args.config}, "
+          f"batch {batch}, {args.dtype}", flush=True)
+    timers = []
+    for name, cfg in variants:
+        t = time.perf_counter()
+        try:
+            timers.append(TrainTimer(cfg, batch))
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            timers.append(e)
+            print(f"  {name}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        print(f"  {name}: compiled and filled in {time.perf_counter() - t:.1f} s", flush=True)
+    run_rounds([t for t in timers if isinstance(t, TrainTimer)], args.steps)
+    rows = []
+    for (name, cfg), timer in zip(variants, timers):
+        if isinstance(timer, Exception):
+            rows.append({"variant": name, "error": f"{type(timer).__name__}: {str(timer)[:400]}"})
+            continue
+        med = timer.summary()[0]
+        flops = train_step_flops(cfg, batch)
+        keep = os.path.join(args.out, f"trace_{name}.json.gz") if name in args.keep else None
+        prof = trace_steps(timer, args.trace_steps, keep)
+        if name in args.keep:
+            with gzip.open(os.path.join(args.out, f"hlo_{name}.txt.gz"), "wt") as f:
+                f.write(timer.step.as_text())
+        row = {"variant": name, "step_ms": med * 1e3, "train_tokens_per_sec": batch * cfg.tgt_len / med,
+               "train_flops_per_step": flops, "achieved_tflops": flops / med / 1e12,
+               "mfu": flops / med / peak if peak else None, "train_step_mb": timer.step_mb,
+               "profile": prof}
+        rows.append(row)
+        mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        print(f"\n== {name}: {row['step_ms']:.1f} ms/step (median of {args.steps}), "
+              f"{row['train_tokens_per_sec']:.0f} tok/s, {flops / 1e12:.2f} TFLOP/step, "
+              f"{row['achieved_tflops']:.1f} TFLOP/s{mfu}", flush=True)
+        if prof.get("device_kernels"):
+            print(f"   traced {prof['traced_wall_ms_per_step']:.1f} ms/step wall; device busy "
+                  f"{prof['busy_ms_per_step']:.1f} ms, kernels {prof['kernel_ms_per_step']:.1f} ms "
+                  f"({prof['kernels_per_step']:.0f} launches)", flush=True)
+            print("   by kind (ms/step): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items()), flush=True)
+            for o in prof["top_ops"][:args.top]:
+                print(f"   {o['ms_per_step']:7.2f} ms {o['share']:6.1%} x{o['launches_per_step']:<4.0f} "
+                      f"{o['op'][:40]:40s} {o['kernel'][:70]}", flush=True)
+        else:
+            print(f"   traced {prof.get('traced_wall_ms_per_step', float('nan')):.1f} ms/step wall; "
+                  f"no device kernels in the trace ({jax.default_backend()})", flush=True)
+    out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+           "jax": jax.__version__, "args": vars(args), "batch": batch, "rows": rows}
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.out}/profile.json", flush=True)
+    return 0 if not any("error" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
