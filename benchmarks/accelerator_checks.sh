@@ -8,7 +8,8 @@
 #   env           versions, devices, and kernels.pallas_self_check() (what attention_impl="auto"
 #                 runs before trusting the kernels)
 #   kernel_tests  tests/test_kernels.py's reference-equality cases, bf16 case and model tests
-#                 through the real Triton compile (LAMEMO_KERNELS_COMPILED=1)
+#                 through the real Triton compile (LAMEMO_KERNELS_COMPILED=1), and the output
+#                 layer's tests (padding, custom_vjp) where padding is on by default
 #   kernel_bench  python -m benchmarks.kernels (Pallas vs XLA: time, memory, error) -> kernels.json
 #   throughput    the paper config in bf16, LaMemo and Transformer-XL, Pallas and XLA attention:
 #                 tokens/s and MFU -> tp/throughput.json
@@ -59,7 +60,8 @@ print(jax.devices())
 import kernels
 print('pallas_self_check:', kernels.pallas_self_check())"
 stage kernel_tests "$LIMIT_TESTS" env LAMEMO_KERNELS_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_kernels.py -k "matches_reference or bfloat16 or torch_fixture or sgd_steps"
+  tests/test_kernels.py tests/test_model_properties.py -k "matches_reference or bfloat16 or torch_fixture \
+  or sgd_steps or output_layer or fused_cross"
 stage kernel_bench "$LIMIT_BENCH" "$PY" -m benchmarks.kernels --iters 20 --json "$OUT/kernels.json"
 stage throughput "$LIMIT_TP" "$PY" -m benchmarks.throughput --config="$CONFIG" --dtype=bfloat16 \
   --memories=lamemo,xl --attention_impls=pallas,xla --steps="$STEPS" --no_eval --out="$OUT/tp"

@@ -18,7 +18,6 @@ trace and its compiled HLO, where the ops' names are defined). On a CPU the trac
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import glob
 import gzip
@@ -32,7 +31,8 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.throughput import TrainTimer, base_config, load_config_file, run_rounds
+from benchmarks.throughput import (TrainTimer, base_config, load_config_file, parse_overrides,
+                                   time_interleaved)
 from lamemo_jax.flops import device_peak_flops, train_step_flops
 
 # kernel-name fragments -> kind (first match wins; names are lower-cased)
@@ -40,7 +40,7 @@ KINDS = (
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "matmul", "dot")),
     ("copy", ("memcpy", "memset", "copy")),
     ("collective", ("nccl", "all_reduce", "all-reduce", "allreduce", "all_gather", "reduce_scatter")),
-    ("pallas/triton", ("triton", "pallas", "mosaic")),
+    ("pallas/triton", ("triton", "pallas", "mosaic", "rel_attention", "lookahead")),  # ours: kernels/
     ("fusion", ("fusion", "reduce", "loop_", "input_", "convert", "transpose", "scatter", "gather",
                 "select", "slice", "concatenate", "pad", "rng", "broadcast", "add", "multiply")),
 )
@@ -77,7 +77,9 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
             pnames[e["pid"]] = e.get("args", {}).get("name", "")
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             tnames[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
-    dev_pids = {p for p, n in pnames.items() if n.startswith("/device:")}
+    # the first device only (a multi-device trace would otherwise sum its devices' kernels)
+    devices = sorted((n, p) for p, n in pnames.items() if n.startswith("/device:"))
+    dev_pids = {devices[0][1]} if devices else set()
     kernels = []
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in dev_pids:
@@ -146,21 +148,16 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     name, sep, rest = spec.partition(":")
     if not sep or not name:
         raise ValueError(f"--variant {spec!r}: expected NAME:FIELD=VALUE,... (NAME: alone for none)")
-    fields = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, val = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--variant {spec!r}: {item!r} is not FIELD=VALUE")
-        try:
-            fields[key] = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            fields[key] = val
-    return name, fields
+    items = [i for i in rest.split(",") if i]
+    bad = [i for i in items if "=" not in i or i.startswith("=")]
+    if bad:
+        raise ValueError(f"--variant {spec!r}: {bad[0]!r} is not FIELD=VALUE")
+    return name, parse_overrides(items)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--config", default=None, help="a configs/*.py file (required unless --summarize)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention_impl", default="xla")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...")
@@ -171,7 +168,15 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="append", default=[], metavar="NAME",
                    help="also write this variant's trace and compiled HLO text (repeatable)")
     p.add_argument("--out", default="runs/profile")
+    p.add_argument("--summarize", default=None, metavar="TRACE.json.gz",
+                   help="only summarize a kept trace (--keep) of --trace_steps steps, print JSON")
     args = p.parse_args(argv)
+    if args.summarize:
+        with gzip.open(args.summarize, "rb") as f:
+            print(json.dumps(summarize_trace(json.load(f), args.trace_steps, top=args.top), indent=1))
+        return 0
+    if not args.config:
+        p.error("--config is required (unless --summarize)")
     exp = load_config_file(args.config)
     batch = args.batch or exp.train.batch_size
     specs = args.variant or ["default:"]
@@ -190,17 +195,7 @@ def main(argv=None) -> int:
     peak = device_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config {args.config}, "
           f"batch {batch}, {args.dtype}", flush=True)
-    timers = []
-    for name, cfg in variants:
-        t = time.perf_counter()
-        try:
-            timers.append(TrainTimer(cfg, batch))
-        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-            timers.append(e)
-            print(f"  {name}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        print(f"  {name}: compiled and filled in {time.perf_counter() - t:.1f} s", flush=True)
-    run_rounds([t for t in timers if isinstance(t, TrainTimer)], args.steps)
+    timers = time_interleaved([cfg for _, cfg in variants], batch, args.steps)
     rows = []
     for (name, cfg), timer in zip(variants, timers):
         if isinstance(timer, Exception):

@@ -195,7 +195,8 @@ def _nll_from_logits(logits: Array, targets: Array) -> Array:
 # dimension to a multiple of 8 (zero rows / columns, padded words get the lowest bias, so the loss
 # and every gradient are unchanged): with 267,735 words and d_model 410 the unpadded rows are not
 # 16-byte aligned, which keeps the GPU's matrix units on slow kernels. None: by backend (no padding
-# on CPU, where it would only add work); a (vocab, d) pair forces one (tests).
+# on CPU, where it would only add work); a (vocab, d) pair forces one (tests). Read when a step
+# is traced: set it before the first call of a jitted function.
 PAD_MULTIPLES: Optional[tuple] = None
 
 
@@ -213,17 +214,21 @@ def softmax_cross_entropy(x, w, b, targets, chunk: int = 0):
     """-log softmax(x @ w^T + b)[target], x [..., d], w [V, d], b [V], targets [...] int ->
     [...] in the stat dtype (float32, or float64 for float64 inputs).
 
-    With x narrower than float32 (bf16 compute), a ``custom_vjp`` whose backward computes
-    d(logits) once in float32 and runs both backward matmuls in x's dtype with float32
-    accumulation: plain autodiff would run them in float32 against the [tokens, V] float32
-    gradient (measured on an H200 at the wt103 shape: 70 -> 53 ms, and 22 ms with the padding
-    above). In float32 / float64 the two backwards do the same arithmetic, and plain autodiff is
-    the faster one on a CPU. ``chunk`` > 0: over token chunks, never more than [chunk, V] logits
-    at once (``softmax_cross_entropy_chunked``)."""
-    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    With bf16 x (bf16 compute), a ``custom_vjp`` whose backward computes d(logits) once in
+    float32 and runs both backward matmuls in bf16 with float32 accumulation: plain autodiff would
+    run them in float32 against the [tokens, V] float32 gradient (measured on an H200 at the wt103
+    shape: 70 -> 53 ms, and 22 ms with the padding above). Rounding d(logits) to bf16 is the one
+    numerical difference (~3e-3 relative). float16 keeps d(logits) in float32 (its range would
+    flush the per-word terms p * g ~ 1e-9 of a mean loss to zero); float32 / float64 take plain
+    autodiff, exactly as before (on a CPU: no padding, bit-identical). ``chunk`` > 0: over token
+    chunks, never more than [chunk, V] logits at once (``softmax_cross_entropy_chunked``)."""
     mv, md = _pad_multiples()
     v, d = w.shape
     pv, pd = _round_up(v, mv) - v, _round_up(d, md) - d
+    fused = x.dtype == jnp.bfloat16
+    if not (chunk or fused or pv or pd):  # the plain path, on x as given (bit-identical to before)
+        return _nll_from_logits(_logits(x, w, b), targets)
+    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     if pd:
         x2, w = jnp.pad(x2, ((0, 0), (0, pd))), jnp.pad(w, ((0, 0), (0, pd)))
     if pv:
@@ -231,7 +236,7 @@ def softmax_cross_entropy(x, w, b, targets, chunk: int = 0):
         b = jnp.concatenate([b, jnp.full((pv,), jnp.finfo(b.dtype).min, b.dtype)])
     if chunk:
         nll = softmax_cross_entropy_chunked(x2, w, b, t2, chunk)
-    elif x2.dtype != _stat_dtype(x2):
+    elif fused:
         nll = _fused_ce(x2, w, b, t2)
     else:
         nll = _nll_from_logits(_logits(x2, w, b), t2)
@@ -240,7 +245,7 @@ def softmax_cross_entropy(x, w, b, targets, chunk: int = 0):
 
 @jax.custom_vjp
 def _fused_ce(x, w, b, targets):
-    return _nll_from_logits(_logits(x, w, b), targets)
+    return _fused_fwd(x, w, b, targets)[0]
 
 
 def _fused_fwd(x, w, b, targets):
@@ -260,13 +265,14 @@ _fused_ce.defvjp(_fused_fwd, _fused_bwd)
 
 def _ce_grads(x, w, logits, lse, targets, g):
     """(dx in x's dtype, dw and db in the stat dtype) of sum(g * nll) for one block of rows, from
-    its logits [T, V] and logsumexp [T]; the two matmuls in x's dtype, float32 accumulation."""
+    its logits [T, V] and logsumexp [T]; the two matmuls in x's dtype with float32 accumulation,
+    except float16, whose d(logits) stays float32 (see softmax_cross_entropy)."""
     sdt = logits.dtype
     p = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(targets, logits.shape[-1], dtype=sdt)
     # rows with g = 0 contribute exactly 0 (never inf * 0: a chunk's zero padding has x = 0 and
     # lse = 0, so p = e^b, which overflows for a bias > ~88 in float32)
     dlogits = jnp.where(g[:, None] == 0, 0.0, p * g[:, None])
-    dl = dlogits.astype(x.dtype)
+    dl = dlogits if x.dtype == jnp.float16 else dlogits.astype(x.dtype)
     dx = jnp.einsum("tv,vd->td", dl, w, preferred_element_type=sdt).astype(x.dtype)
     dw = jnp.einsum("tv,td->vd", dl, x, preferred_element_type=sdt)
     return dx, dw, jnp.sum(dlogits, axis=0)

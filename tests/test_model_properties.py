@@ -340,6 +340,65 @@ def test_accelerator_padding_of_the_output_layer_is_exact(monkeypatch, chunk):
         np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-13)
 
 
+def test_accelerator_padding_of_the_output_layer_in_bf16_is_exact(monkeypatch):
+    """What bf16 training on a GPU runs: padding plus the bf16 custom_vjp, a float32 bias. Padded
+    and unpadded agree to float32 rounding of the same sums (the padded terms are exact zeros)."""
+    from lamemo_jax import embedding
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 5, 14)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(53, 14)) * 0.3, jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=53), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 53, (3, 5)))
+    g = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    results = []
+    for pad in [(1, 1), (128, 8)]:
+        monkeypatch.setattr(embedding, "PAD_MULTIPLES", pad)
+        nll, vjp = jax.vjp(lambda *a: embedding.softmax_cross_entropy(*a, t), x, w, b)
+        results.append((nll, vjp(g)))
+    (n0, g0), (n1, g1) = results
+    np.testing.assert_allclose(n1, n0, rtol=1e-6)
+    for a, c in zip(g1, g0):
+        assert a.shape == c.shape and a.dtype == c.dtype and bool(jnp.all(jnp.isfinite(a)))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=1e-2, atol=1e-6)
+
+
+def test_float32_output_layer_is_the_plain_expression_bit_for_bit(monkeypatch):
+    """Without padding (CPU), chunks or bf16, the loss is exactly logsumexp - logit[target] on the
+    [B, N, d] hidden states as given, its gradients bit-identical (no reshape that would change
+    the order of dw's sum)."""
+    from lamemo_jax import embedding
+    from lamemo_jax.embedding import _logits, _nll_from_logits, softmax_cross_entropy
+    monkeypatch.setattr(embedding, "PAD_MULTIPLES", (1, 1))  # the CPU default, on any backend
+    rng = np.random.default_rng(7)
+    x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(3, 7, 33), (301, 33), (301,)])
+    t = jnp.asarray(rng.integers(0, 301, (3, 7)))
+    new = jax.jit(jax.value_and_grad(lambda *a: jnp.mean(softmax_cross_entropy(*a, t)), (0, 1, 2)))(x, w, b)
+    ref = jax.jit(jax.value_and_grad(lambda x, w, b: jnp.mean(_nll_from_logits(_logits(x, w, b), t)),
+                                     (0, 1, 2)))(x, w, b)
+    for a, c in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
+        assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_float16_output_layer_gradient_keeps_the_small_terms(chunk):
+    """float16 has no bf16 range: a mean loss over many tokens gives every word a gradient term
+    p * g ~ 1e-9, below float16's smallest value. d(logits) must stay float32 there, so that the
+    weight gradient of the words that are not targets is not flushed to zero."""
+    from lamemo_jax.embedding import softmax_cross_entropy
+    rng = np.random.default_rng(8)
+    x, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(512, 16), (4000, 16)])
+    w = w * 0.1
+    b = jnp.zeros((4000,), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 100, 512))  # words 100.. are never targets
+
+    def dw(dtype):
+        f = lambda w: jnp.mean(softmax_cross_entropy(x.astype(dtype), w, b, t, chunk)) / 16.0
+        return np.asarray(jax.grad(f)(w.astype(dtype)), np.float32)[100:]
+
+    ref, half = dw(jnp.float32), dw(jnp.float16)
+    assert float(np.max(np.abs(half - ref))) <= 1e-2 * float(np.max(np.abs(ref)))
+
+
 def test_fused_cross_entropy_backward_is_the_gradient_of_the_nll():
     """The custom_vjp that bf16 training uses (d(logits) once, backward matmuls in x's dtype),
     called in float64: its gradients equal autodiff of logsumexp - logit[target] for any

@@ -113,6 +113,10 @@ def __getattr__(name):
         return value
     raise AttributeError(f"module 'lamemo_jax.data' has no attribute {name!r}")
 
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "BENCHMARKS", "DATASETS", "OFFLINE_CORPORA", "SPLITS", "STANDARD_TEST_SIZE", "STANDARD_TOTAL_SIZE",
     "STANDARD_VALID_SIZE", "Batch", "ChecksumError", "DataConfig", "DataConfigError", "Dataset", "EOS",
