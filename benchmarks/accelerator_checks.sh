@@ -19,7 +19,9 @@
 #                 (autodiff, custom_vjp, padding, chunks) -> output_layer.json
 #   profile       python -m benchmarks.profile_step: where the LaMemo and XL steps' device time
 #                 goes (kernels by kind and by op, busy vs wall) -> prof/profile.json
-# All stages together need up to ~16 minutes (their limits); a shorter lease runs some of them:
+#   alignment     python -m benchmarks.alignment: one layer's matmuls unpadded vs padded to 8
+#                 (matmul kernel time from a trace) -> alignment.json
+# All stages together need up to ~17 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
@@ -38,8 +40,9 @@ LIMIT_TP=${LIMIT_TP:-200}
 LIMIT_TPC=${LIMIT_TPC:-90}
 LIMIT_OL=${LIMIT_OL:-80}
 LIMIT_PROF=${LIMIT_PROF:-230}
+LIMIT_AL=${LIMIT_AL:-60}
 
-STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile}
+STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment}
 
 stage() {
   local name=$1 limit=$2 start rc
@@ -70,3 +73,5 @@ stage throughput_chunked "$LIMIT_TPC" "$PY" -m benchmarks.throughput --config="$
 stage output_layer "$LIMIT_OL" "$PY" -m benchmarks.output_layer --iters 10 --json "$OUT/output_layer.json"
 stage profile "$LIMIT_PROF" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
   --variant lamemo: --variant xl:memory=xl --steps="$STEPS" --trace_steps 2 --top 30 --out="$OUT/prof"
+stage alignment "$LIMIT_AL" "$PY" -m benchmarks.alignment --config="$CONFIG" --multiple 8 --iters 20 \
+  --json "$OUT/alignment.json"

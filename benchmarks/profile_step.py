@@ -120,16 +120,16 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
     }
 
 
-def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dict:
-    """Traces n_steps of ``timer``'s step and summarizes the device kernels."""
+def trace_calls(call, n_steps: int, keep: str | None = None) -> dict:
+    """Traces n_steps calls of ``call()`` (which returns what to wait for) with jax.profiler and
+    summarizes the device kernels per call; ``keep``: also copy the trace there."""
     d = tempfile.mkdtemp(prefix="lamemo_prof_")
     try:
-        jax.block_until_ready(timer.state)
         with jax.profiler.trace(d):
             t = time.perf_counter()
             for _ in range(n_steps):
-                timer.state, m = timer.step(timer.state, timer.x, timer.x, timer.sos)
-            jax.block_until_ready((timer.state, m))
+                out = call()
+            jax.block_until_ready(out)
             wall = (time.perf_counter() - t) * 1e3 / n_steps
         paths = glob.glob(os.path.join(d, "plugins", "profile", "*", "*.trace.json.gz"))
         if not paths:
@@ -141,6 +141,17 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
         return {"traced_wall_ms_per_step": wall, **summary}
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dict:
+    """Traces n_steps of ``timer``'s train step (its state carried) and summarizes the kernels."""
+    jax.block_until_ready(timer.state)
+
+    def call():
+        timer.state, m = timer.step(timer.state, timer.x, timer.x, timer.sos)
+        return timer.state, m
+
+    return trace_calls(call, n_steps, keep)
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:

@@ -124,3 +124,22 @@ def test_profile_step_and_output_layer_run_on_cpu(tmp_path, capsys):
     rows = json.load(open(tmp_path / "ol.json"))["rows"]
     assert [r["variant"] for r in rows] == ["autodiff", "fused", "fused_padv", "fused_padvd", "chunk"]
     assert all(r["error_vs_first"] < 1e-5 for r in rows)
+
+
+def test_alignment_pads_exactly_and_runs_on_cpu(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from benchmarks import alignment
+    rng = np.random.default_rng(0)
+    a, b, c = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(3, 10, 7), (3, 7, 5), (3, 10, 5)])
+    plain = alignment._step((3,), 10, 7, 5, 1, jnp.float32)(a, b, c)
+    padded = alignment._step((3,), 10, 7, 5, 16, jnp.float32)(a, b, c)
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(padded)):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert alignment.main(["--config=configs/tiny.py", "--iters=1", "--multiple=16",
+                           f"--json={tmp_path / 'al.json'}"]) == 0
+    out = json.load(open(tmp_path / "al.json"))
+    assert [r["matmul"] for r in out["rows"]] == ["qkv", "o_net", "ff1", "ff2", "scores"]
+    assert all(r["unpadded_matmul_ms"] > 0 and r["padded_matmul_ms"] > 0 for r in out["rows"])
