@@ -210,6 +210,18 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
+def aligned_dot(x, w):
+    """x [..., K] @ w [K, N] with K and N zero-padded to the accelerator's multiple (8 on a GPU /
+    TPU, none on a CPU; ``PAD_MULTIPLES[1]``): the same product, on aligned sizes."""
+    m = _pad_multiples()[1]
+    k, n = w.shape
+    pk, pn = _round_up(k, m) - k, _round_up(n, m) - n
+    if not (pk or pn):
+        return jnp.dot(x, w)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pk)])
+    return jnp.dot(x, jnp.pad(w, ((0, pk), (0, pn))))[..., :n]
+
+
 def softmax_cross_entropy(x, w, b, targets, chunk: int = 0):
     """-log softmax(x @ w^T + b)[target], x [..., d], w [V, d], b [V], targets [...] int ->
     [...] in the stat dtype (float32, or float64 for float64 inputs).

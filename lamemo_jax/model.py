@@ -23,7 +23,7 @@ import kernels
 from kernels.rel_attention import attention_mass_by_distance, rel_attention_probs
 from lamemo_jax import prng
 from lamemo_jax.config import ModelConfig
-from lamemo_jax.embedding import AdaptiveEmbedding, AdaptiveSoftmax, normal_init
+from lamemo_jax.embedding import AdaptiveEmbedding, AdaptiveSoftmax, aligned_dot, normal_init
 from lamemo_jax.memory import LaMemoMemory, XLMemory, push, stat_dtype_of
 from lamemo_jax.sharding import kernel_partition
 
@@ -99,7 +99,8 @@ class Dense(nn.Module):
         cfg = self.cfg
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         w = self.param("kernel", normal_init(0.02), (x.shape[-1], self.features), pdt)
-        y = jnp.dot(x.astype(dt), w.astype(dt))
+        dot = aligned_dot if cfg.pad_layer_matmuls else jnp.dot
+        y = dot(x.astype(dt), w.astype(dt))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), pdt).astype(dt)
         return y
@@ -117,8 +118,9 @@ class QKVProjection(nn.Module):
         dt = jnp.dtype(cfg.dtype)
         w = self.param("kernel", normal_init(0.02), (cat.shape[-1], 3 * hd),
                        jnp.dtype(cfg.param_dtype)).astype(dt)
-        q = jnp.dot(h_cur.astype(dt), w[:, :hd])
-        kv = jnp.dot(cat.astype(dt), w[:, hd:])
+        dot = aligned_dot if cfg.pad_layer_matmuls else jnp.dot
+        q = dot(h_cur.astype(dt), w[:, :hd])
+        kv = dot(cat.astype(dt), w[:, hd:])
         return q, kv[..., :hd], kv[..., hd:]
 
 
