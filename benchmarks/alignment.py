@@ -32,10 +32,7 @@ import numpy as np
 
 from benchmarks.profile_step import trace_calls
 from benchmarks.throughput import load_config_file
-
-
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
+from lamemo_jax.embedding import pad_to_multiple
 
 
 def layer_matmuls(cfg, batch: int) -> dict:
@@ -47,25 +44,19 @@ def layer_matmuls(cfg, batch: int) -> dict:
 
 
 def _step(bdims, m, k, n, mult, dtype):
-    pads = (_round_up(m, mult) - m, _round_up(k, mult) - k, _round_up(n, mult) - n) if mult > 1 else (0, 0, 0)
-    nb = len(bdims)
-
     def f(a, b, c):
-        if any(pads):
-            a = jnp.pad(a, [(0, 0)] * nb + [(0, pads[0]), (0, pads[1])])
-            b = jnp.pad(b, [(0, 0)] * nb + [(0, pads[1]), (0, pads[2])])
-        out = jnp.matmul(a, b, preferred_element_type=jnp.float32)
-        if any(pads):
-            out = out[..., :m, :n]
+        a = pad_to_multiple(pad_to_multiple(a, -2, mult), -1, mult)
+        b = pad_to_multiple(pad_to_multiple(b, -2, mult), -1, mult)
+        out = jnp.matmul(a, b, preferred_element_type=jnp.float32)[..., :m, :n]
         return jnp.sum(out.astype(dtype) * c)
 
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
 
 def time_one(fn, args, iters: int) -> dict:
-    """Per call: the device's matmul kernels and all its kernels (from a jax.profiler trace; on a
-    GPU these sizes take tens of microseconds, so a host clock around each call would time the
-    launch and the synchronisation instead), and the wall time. On a CPU the trace has no device
+    """Per call: the device's matmul kernels and all its kernels (from a jax.profiler trace; a
+    host clock around each call also times the elementwise sum, the launches and the
+    synchronisation), and the wall time. On a CPU the trace has no device
     kernels: the wall time stands in for both."""
     jax.block_until_ready(fn(*args))
     prof = trace_calls(lambda: fn(*args), iters)

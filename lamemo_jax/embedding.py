@@ -206,20 +206,24 @@ def _pad_multiples() -> tuple:
     return (1, 1) if jax.default_backend() == "cpu" else (128, 8)
 
 
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
+def pad_to_multiple(a, axis: int, multiple: int, value=0):
+    """``a`` padded with ``value`` at the end of ``axis`` to a multiple of ``multiple`` (itself
+    when it already is one)."""
+    extra = -a.shape[axis] % multiple
+    if not extra:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(a, widths, constant_values=value)
 
 
 def aligned_dot(x, w):
     """x [..., K] @ w [K, N] with K and N zero-padded to the accelerator's multiple (8 on a GPU /
     TPU, none on a CPU; ``PAD_MULTIPLES[1]``): the same product, on aligned sizes."""
     m = _pad_multiples()[1]
-    k, n = w.shape
-    pk, pn = _round_up(k, m) - k, _round_up(n, m) - n
-    if not (pk or pn):
-        return jnp.dot(x, w)
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pk)])
-    return jnp.dot(x, jnp.pad(w, ((0, pk), (0, pn))))[..., :n]
+    n = w.shape[1]
+    w = pad_to_multiple(pad_to_multiple(w, 0, m), 1, m)
+    return jnp.dot(pad_to_multiple(x, -1, m), w)[..., :n]
 
 
 def softmax_cross_entropy(x, w, b, targets, chunk: int = 0):
@@ -236,16 +240,12 @@ def softmax_cross_entropy(x, w, b, targets, chunk: int = 0):
     chunks, never more than [chunk, V] logits at once (``softmax_cross_entropy_chunked``)."""
     mv, md = _pad_multiples()
     v, d = w.shape
-    pv, pd = _round_up(v, mv) - v, _round_up(d, md) - d
     fused = x.dtype == jnp.bfloat16
-    if not (chunk or fused or pv or pd):  # the plain path, on x as given (bit-identical to before)
+    if not (chunk or fused or v % mv or d % md):  # the plain path, on x as given (bit-identical)
         return _nll_from_logits(_logits(x, w, b), targets)
-    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    if pd:
-        x2, w = jnp.pad(x2, ((0, 0), (0, pd))), jnp.pad(w, ((0, 0), (0, pd)))
-    if pv:
-        w = jnp.pad(w, ((0, pv), (0, 0)))
-        b = jnp.concatenate([b, jnp.full((pv,), jnp.finfo(b.dtype).min, b.dtype)])
+    x2, t2 = pad_to_multiple(x.reshape(-1, d), 1, md), targets.reshape(-1)
+    w = pad_to_multiple(pad_to_multiple(w, 1, md), 0, mv)
+    b = pad_to_multiple(b, 0, mv, jnp.finfo(b.dtype).min)  # padded words: never chosen, p = 0
     if chunk:
         nll = softmax_cross_entropy_chunked(x2, w, b, t2, chunk)
     elif fused:

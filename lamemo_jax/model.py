@@ -87,6 +87,11 @@ class LayerNorm(nn.Module):
         return (y * g.astype(sdt) + b.astype(sdt)).astype(x.dtype)
 
 
+def layer_dot(cfg: ModelConfig, x: Array, w: Array) -> Array:
+    """x @ w of a layer projection: on aligned (zero-padded) sizes with ``cfg.pad_layer_matmuls``."""
+    return aligned_dot(x, w) if cfg.pad_layer_matmuls else jnp.dot(x, w)
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias); kernel stored [in, out] (the original's weight transposed)."""
 
@@ -99,8 +104,7 @@ class Dense(nn.Module):
         cfg = self.cfg
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         w = self.param("kernel", normal_init(0.02), (x.shape[-1], self.features), pdt)
-        dot = aligned_dot if cfg.pad_layer_matmuls else jnp.dot
-        y = dot(x.astype(dt), w.astype(dt))
+        y = layer_dot(cfg, x.astype(dt), w.astype(dt))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), pdt).astype(dt)
         return y
@@ -118,9 +122,8 @@ class QKVProjection(nn.Module):
         dt = jnp.dtype(cfg.dtype)
         w = self.param("kernel", normal_init(0.02), (cat.shape[-1], 3 * hd),
                        jnp.dtype(cfg.param_dtype)).astype(dt)
-        dot = aligned_dot if cfg.pad_layer_matmuls else jnp.dot
-        q = dot(h_cur.astype(dt), w[:, :hd])
-        kv = dot(cat.astype(dt), w[:, hd:])
+        q = layer_dot(cfg, h_cur.astype(dt), w[:, :hd])
+        kv = layer_dot(cfg, cat.astype(dt), w[:, hd:])
         return q, kv[..., :hd], kv[..., hd:]
 
 
