@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
-from kernels.rel_attention import rel_shift_past, stat_dtype
+from kernels.rel_attention import batched_positions, rel_shift_past, stat_dtype
 
 Array = jax.Array
 
@@ -63,11 +63,16 @@ def band_position_scores(qv_BMHD: Array, r_THD: Array, r_offset: int, window: in
     delta = mp - blk * w - 2 * w + 2 + e
     idx = np.clip(delta + r_offset, 0, r_THD.shape[0] - 1)
     r_blk = r_THD[idx]  # [nb, 2W-1, H, D]
-    s = jnp.einsum("bnihd,nehd->bnhie", qv, r_blk, preferred_element_type=sdt)
     # out[i, w] = s[i, W-1-i+w]: the Transformer-XL shift with N = W, K = 2W-1 (w <= W-1+i always)
-    s = rel_shift_past(s)[..., :w]  # [B, nb, H, W(i), W(w)]
-    s = jnp.transpose(s, (0, 2, 1, 3, 4)).reshape(b, h, mp, w)
-    return s[:, :, pad:]
+    if batched_positions():  # r broadcast over the batch (see kernels.rel_attention)
+        r_blk = jnp.broadcast_to(r_blk, (b,) + r_blk.shape)
+        s = jnp.einsum("bnihd,bnehd->bhnie", qv, r_blk, preferred_element_type=sdt)
+        s = rel_shift_past(s)[..., :w]  # [B, H, nb, W(i), W(w)]
+    else:
+        s = jnp.einsum("bnihd,nehd->bnhie", qv, r_blk, preferred_element_type=sdt)
+        s = rel_shift_past(s)[..., :w]  # [B, nb, H, W(i), W(w)]
+        s = jnp.transpose(s, (0, 2, 1, 3, 4))
+    return s.reshape(b, h, mp, w)[:, :, pad:]
 
 
 def lookahead_mask(mb: int, window: int, mem_valid_B: Array, causal: bool) -> Array:

@@ -22,6 +22,7 @@ every gradient (one random cotangent per output, lse included) in one jitted cal
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -414,3 +415,28 @@ def test_auto_self_check_passes_in_interpret_mode_and_falls_back_on_failure(monk
     monkeypatch.setattr(K, "_SELF_CHECK", {})
     monkeypatch.setattr(K.jax, "default_backend", lambda: "gpu")
     assert K.resolve_impl("auto") == "xla"
+
+
+@pytest.mark.parametrize("case", sorted(REL_CASES) + sorted(LOOK_CASES))
+def test_batched_positions_same_values(monkeypatch, case):
+    """The references' two batchings of the position product (r shared by the batch rows: the CPU
+    default; r broadcast over them: the GPU default) give the same outputs and gradients."""
+    ra = importlib.import_module("kernels.rel_attention")  # the package's rel_attention is the dispatcher
+    if case in REL_CASES:
+        b, n, mb, h, d, valid, clamp, same_length, _, _ = REL_CASES[case]
+        args, key_start = _rel_inputs(b, n, mb, h, d, valid, clamp)
+        kw = dict(scale=1.0 / math.sqrt(d), same_length=same_length)
+        make_fn, names = (lambda: lambda *a: rel_attention_reference(*a, key_start, **kw)), REL_NAMES
+    else:
+        b, n, mb, h, d, valid, clamp, causal, _, _ = LOOK_CASES[case]
+        args, mem_valid, r_offset = _lookahead_inputs(b, n, mb, h, d, valid, clamp, causal)
+        kw = dict(r_offset=r_offset, scale=1.0 / math.sqrt(d), causal=causal)
+        make_fn, names = (lambda: lambda *a: lookahead_reference(*a, mem_valid, **kw)), LOOK_NAMES
+    results, programs = [], []
+    for batched in (False, True):
+        monkeypatch.setattr(ra, "BATCHED_POSITIONS", batched)
+        fn = make_fn()  # a new function: jax caches traces per function
+        programs.append(str(jax.make_jaxpr(fn)(*args)))
+        results.append(_fwd_and_grads(fn, args))
+    assert programs[0] != programs[1]  # the setting does change the computation
+    _assert_close(results[1], results[0], names, F32_TOL)
