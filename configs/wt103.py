@@ -9,8 +9,10 @@ there, else put the three files in --config.data.manual_dir.
 Memory: add --config.model.softmax_chunk=2048 to compute the 267,735-word softmax loss in token
 chunks (no 10 GB [tokens, vocab] float32 arrays; same loss; on an H200 its output layer takes
 28.1 ms against 22.0 ms for the default path, docs/benchmarks.md).
-Speed (one H200, bf16, measured 2026-11-26): 102.3 ms per step, 93,859 tokens/s, MFU 11.6%
-(Transformer-XL 70.8 ms, 13.6%).
+Speed (one H100, bf16, measured 2026-11-26, docs/benchmarks.md): 97.8 ms per step, 98,160
+tokens/s, MFU 12.1% (Transformer-XL 72.9 ms, 13.2%), with XLA attention, which this config sets:
+the Pallas kernels' step took 118.8 vs 101.6 ms there (their backward is untuned); they need less
+attention memory, use them with --config.model.attention_impl=auto (or pallas).
 Hardware: the original used 2 GPUs (2 processes x batch 32) with apex fp16; here one process with
 the global batch 64 (64 disjoint row-streams: a documented approximation of 2 x 32 streams over
 the whole corpus), float32 (bf16 via --config.model.dtype=bfloat16).
@@ -28,7 +30,8 @@ def get_config():
     c = base_config()
     c.model.update(n_token=267735, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
                    dropout=0.1, dropatt=0.0, tgt_len=150, mem_len=150, clamp_len=-1,
-                   memory="lamemo", lookahead="disentangled", tie_weight=True)
+                   memory="lamemo", lookahead="disentangled", tie_weight=True,
+                   attention_impl="xla")  # the faster step on a GPU (docstring)
     c.data = data_config("wikitext103")  # every data field, typed (--config.data.manual_dir=DIR parses)
     c.train.update(batch_size=64, num_steps=250_000, optimizer="adam", learning_rate=2.5e-4,
                    schedule="cosine", warmup_steps=0, min_learning_rate=0.0, clip=0.25,

@@ -221,7 +221,9 @@ def aligned_dot(x, w):
     """x [..., K] @ w [K, N] with K and N zero-padded to the accelerator's multiple (8 on a GPU /
     TPU, none on a CPU; ``PAD_MULTIPLES[1]``): the same product, on aligned sizes."""
     m = _pad_multiples()[1]
-    n = w.shape[1]
+    k, n = w.shape
+    if not (k % m or n % m):  # already aligned (always on a CPU): the plain product, same jaxpr
+        return jnp.dot(x, w)
     w = pad_to_multiple(pad_to_multiple(w, 0, m), 1, m)
     return jnp.dot(pad_to_multiple(x, -1, m), w)[..., :n]
 

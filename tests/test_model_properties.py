@@ -453,14 +453,11 @@ def test_bf16_output_layer_backward_matmuls_run_in_bf16():
         assert err <= 1e-2, err
 
 
-@pytest.mark.parametrize("memory", ["lamemo", "xl"])
-def test_padded_layer_matmuls_are_exact(monkeypatch, memory):
-    """pad_layer_matmuls=True zero-pads every layer matmul to multiples of 8 on an accelerator
-    (forced here): the same loss and gradients in float64 (sizes 14, 10 and 22, none a multiple
-    of 8), with the same parameters."""
-    from lamemo_jax import embedding
-    monkeypatch.setattr(embedding, "PAD_MULTIPLES", (1, 8))
-    cfg = small_cfg(n_token=40, n_layer=1, d_model=14, n_head=2, d_head=5, d_inner=22, memory=memory)
+def _layer_padding_case(memory):
+    """(unpadded config, params, loss(params, config)) over two segments, on sizes 14, 10 and 22
+    (none a multiple of 8)."""
+    cfg = small_cfg(n_token=40, n_layer=1, d_model=14, n_head=2, d_head=5, d_inner=22, memory=memory,
+                    pad_layer_matmuls=False)
     params = perturbed_params(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 40)
     mem = lamemo_jax.init_memory(cfg, 2)
@@ -470,6 +467,16 @@ def test_padded_layer_matmuls_are_exact(monkeypatch, memory):
         out, _ = lamemo_jax.apply(c, p, tokens[:, 1:], m, targets=tokens[:, :6])
         return jnp.sum(out.nll * jnp.arange(1.0, 7.0))
 
+    return cfg, params, loss
+
+
+@pytest.mark.parametrize("memory", ["lamemo", "xl"])
+def test_padded_layer_matmuls_are_exact(monkeypatch, memory):
+    """pad_layer_matmuls=True zero-pads every layer matmul to multiples of 8 on an accelerator
+    (forced here): the same loss and gradients in float64, with the same parameters."""
+    from lamemo_jax import embedding
+    monkeypatch.setattr(embedding, "PAD_MULTIPLES", (1, 8))
+    cfg, params, loss = _layer_padding_case(memory)
     padded = cfg.replace(pad_layer_matmuls=True)
     n_pads = [str(jax.make_jaxpr(loss, static_argnums=1)(params, c)).count(" pad[") for c in (cfg, padded)]
     assert n_pads[1] > n_pads[0]  # the padded model does pad
@@ -478,3 +485,14 @@ def test_padded_layer_matmuls_are_exact(monkeypatch, memory):
     assert abs(float(l0) - float(l1)) <= 1e-12 * abs(float(l0))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("memory", ["lamemo", "xl"])
+def test_layer_padding_changes_nothing_on_cpu(memory):
+    """pad_layer_matmuls is on by default; on a CPU (no padding multiple) the training step is the
+    same program as with it off, so CPU results are bit-identical either way."""
+    assert lamemo_jax.ModelConfig(n_token=40).pad_layer_matmuls is True
+    cfg, params, loss = _layer_padding_case(memory)
+    texts = [str(jax.make_jaxpr(jax.value_and_grad(loss), static_argnums=1)(params, c))
+             for c in (cfg, cfg.replace(pad_layer_matmuls=True))]
+    assert texts[0] == texts[1]
