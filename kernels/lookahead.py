@@ -37,7 +37,8 @@ from jax.experimental import pallas as pl
 
 from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
-from kernels.rel_attention import batched_positions, rel_shift_past, stat_dtype
+from kernels.rel_attention import (batched_position_product, batched_positions, rel_shift_past,
+                                    stat_dtype)
 
 Array = jax.Array
 
@@ -65,8 +66,7 @@ def band_position_scores(qv_BMHD: Array, r_THD: Array, r_offset: int, window: in
     r_blk = r_THD[idx]  # [nb, 2W-1, H, D]
     # out[i, w] = s[i, W-1-i+w]: the Transformer-XL shift with N = W, K = 2W-1 (w <= W-1+i always)
     if batched_positions():  # r broadcast over the batch (see kernels.rel_attention)
-        r_blk = jnp.broadcast_to(r_blk, (b,) + r_blk.shape)
-        s = jnp.einsum("bnihd,bnehd->bhnie", qv, r_blk, preferred_element_type=sdt)
+        s = batched_position_product("bnihd,bnehd->bhnie", qv, r_blk)
         s = rel_shift_past(s)[..., :w]  # [B, H, nb, W(i), W(w)]
     else:
         s = jnp.einsum("bnihd,nehd->bnhie", qv, r_blk, preferred_element_type=sdt)

@@ -41,20 +41,61 @@ def stat_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# How the position scores' matmul is batched (read when a function is traced). False: r is shared
-# by the batch rows, one product per head over all B*N rows; XLA then lays the result out as
-# [H, rows, K] and transposes it for the shift (the fastest form on CPU: the broadcast form was
-# 1.1-1.4x slower there, fwd+bwd at the 2-layer benchmark sizes). True: r broadcast over the batch,
-# so the product is batched over (B, H) like the content scores and comes out in their layout
-# (the wt103 bf16 training step on an H100: 100.6 -> 97.8 ms). None: by backend, True on a GPU.
-# The values are the same either way (tested in float64).
+# How the position scores' matmul is batched (read when a function is traced; set it with
+# ``kernels.set_batched_positions``). False: r is shared by the batch rows, one product per head
+# over all B*N rows; XLA then lays the result out as [H, rows, K] and transposes it for the shift
+# (the fastest form on CPU: the broadcast form was 1.1-1.4x slower there, fwd+bwd at the 2-layer
+# benchmark sizes). True: r broadcast over the batch, so the product is batched over (B, H) like
+# the content scores and comes out in their layout (the wt103 bf16 training step on an H100: 100.6
+# -> 97.8 ms). None: by backend, True on a GPU. The same values either way (tested in float32 and
+# bfloat16, outputs and gradients): ``batched_position_product`` sums r's gradient over the batch
+# in the stat dtype and rounds it once, as the shared product does.
 BATCHED_POSITIONS: Optional[bool] = None
+
+
+def set_batched_positions(value: Optional[bool]) -> None:
+    """Force the position product's batching (True / False), or None: by backend (see above).
+    Takes effect for functions traced afterwards."""
+    global BATCHED_POSITIONS
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"set_batched_positions: True, False or None expected, got {value!r}")
+    BATCHED_POSITIONS = value
 
 
 def batched_positions() -> bool:
     if BATCHED_POSITIONS is not None:
         return BATCHED_POSITIONS
     return jax.default_backend() == "gpu"
+
+
+def _broadcast_batch(r: Array, like: Array) -> Array:
+    return jnp.broadcast_to(r, (like.shape[0],) + r.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def batched_position_product(spec: str, qv: Array, r: Array) -> Array:
+    """einsum(spec, qv, r broadcast over qv's leading batch axis), in the stat dtype. ``spec`` is
+    written for the broadcast operand ("bihd,bjhd->bhij"). The backward computes r's gradient
+    per batch row in the stat dtype and sums it there, rounding once: plain autodiff would round
+    each row's gradient to a bf16 r's dtype before the sum over the batch."""
+    return jnp.einsum(spec, qv, _broadcast_batch(r, qv), preferred_element_type=stat_dtype(qv.dtype))
+
+
+def _bpp_fwd(spec, qv, r):
+    return batched_position_product(spec, qv, r), (qv, r)
+
+
+def _bpp_bwd(spec, res, ds):
+    qv, r = res
+    lhs, rhs_out = spec.split(",")
+    rhs, out = rhs_out.split("->")
+    sdt = ds.dtype
+    dqv = jnp.einsum(f"{out},{rhs}->{lhs}", ds, _broadcast_batch(r, qv), preferred_element_type=sdt)
+    dr = jnp.einsum(f"{out},{lhs}->{rhs}", ds, qv, preferred_element_type=sdt)
+    return dqv.astype(qv.dtype), jnp.sum(dr, axis=0).astype(r.dtype)
+
+
+batched_position_product.defvjp(_bpp_fwd, _bpp_bwd)
 
 
 def rel_shift_past(bd_BHNK: Array) -> Array:
@@ -90,8 +131,7 @@ def rel_attention_probs(q_BNHD: Array, k_BKHD: Array, r_KHD: Array, u_HD: Array,
     sdt = stat_dtype(q_BNHD.dtype)
     ac = jnp.einsum("bihd,bjhd->bhij", q_BNHD + u_HD, k_BKHD, preferred_element_type=sdt)
     if batched_positions():
-        r_BKHD = jnp.broadcast_to(r_KHD, (q_BNHD.shape[0],) + r_KHD.shape)
-        bd = jnp.einsum("bihd,bjhd->bhij", q_BNHD + vbias_HD, r_BKHD, preferred_element_type=sdt)
+        bd = batched_position_product("bihd,bjhd->bhij", q_BNHD + vbias_HD, r_KHD)
     else:
         bd = jnp.einsum("bihd,jhd->bhij", q_BNHD + vbias_HD, r_KHD, preferred_element_type=sdt)
     s = (ac + rel_shift_past(bd)) * scale

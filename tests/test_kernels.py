@@ -417,11 +417,8 @@ def test_auto_self_check_passes_in_interpret_mode_and_falls_back_on_failure(monk
     assert K.resolve_impl("auto") == "xla"
 
 
-@pytest.mark.parametrize("case", sorted(REL_CASES) + sorted(LOOK_CASES))
-def test_batched_positions_same_values(monkeypatch, case):
-    """The references' two batchings of the position product (r shared by the batch rows: the CPU
-    default; r broadcast over them: the GPU default) give the same outputs and gradients."""
-    ra = importlib.import_module("kernels.rel_attention")  # the package's rel_attention is the dispatcher
+def _batched_positions_case(case, dtype=jnp.float32):
+    """(fresh-function factory, input arrays, output/gradient names) of one reference case."""
     if case in REL_CASES:
         b, n, mb, h, d, valid, clamp, same_length, _, _ = REL_CASES[case]
         args, key_start = _rel_inputs(b, n, mb, h, d, valid, clamp)
@@ -432,11 +429,41 @@ def test_batched_positions_same_values(monkeypatch, case):
         args, mem_valid, r_offset = _lookahead_inputs(b, n, mb, h, d, valid, clamp, causal)
         kw = dict(r_offset=r_offset, scale=1.0 / math.sqrt(d), causal=causal)
         make_fn, names = (lambda: lambda *a: lookahead_reference(*a, mem_valid, **kw)), LOOK_NAMES
+    args = tuple(x.astype(dtype) if i < 6 else x for i, x in enumerate(args))  # q k v r u vb
+    return make_fn, args, names
+
+
+def _both_batchings(case, dtype=jnp.float32):
     results, programs = [], []
+    make_fn, args, names = _batched_positions_case(case, dtype)
     for batched in (False, True):
-        monkeypatch.setattr(ra, "BATCHED_POSITIONS", batched)
-        fn = make_fn()  # a new function: jax caches traces per function
-        programs.append(str(jax.make_jaxpr(fn)(*args)))
-        results.append(_fwd_and_grads(fn, args))
+        kernels.set_batched_positions(batched)
+        try:
+            fn = make_fn()  # a new function: jax caches traces per function
+            programs.append(str(jax.make_jaxpr(fn)(*args)))
+            results.append(_fwd_and_grads(fn, args))
+        finally:
+            kernels.set_batched_positions(None)
     assert programs[0] != programs[1]  # the setting does change the computation
-    _assert_close(results[1], results[0], names, F32_TOL)
+    return results, names
+
+
+@pytest.mark.parametrize("case", sorted(REL_CASES) + sorted(LOOK_CASES))
+def test_batched_positions_same_values(case):
+    """The references' two batchings of the position product (r shared by the batch rows: the CPU
+    default; r broadcast over them: the GPU default) give the same outputs and gradients."""
+    (shared, batched), names = _both_batchings(case)
+    _assert_close(batched, shared, names, F32_TOL)
+
+
+@pytest.mark.parametrize("case", ["M=N_empty_row_gpu", "M>N_ragged"])
+def test_batched_positions_bfloat16_position_gradient(case):
+    """In bf16 the broadcast form's r gradient is summed over the batch in float32 and rounded
+    once, like the shared form's: the two differ by at most one bf16 ulp per element (plain
+    autodiff of the broadcast would round each batch row's gradient to bf16 first)."""
+    (shared, batched), names = _both_batchings(case, jnp.bfloat16)
+    _assert_close(batched, shared, names, BF16_TOL, scaled=True)
+    i = names.index("dr" if "dr" in names else "dr_table")
+    a, b = (np.asarray(x[i], np.float64) for x in (batched, shared))
+    ulp = 2.0 ** -7 * np.maximum(np.abs(a), np.abs(b))
+    assert np.all(np.abs(a - b) <= ulp), float(np.max(np.abs(a - b) / np.maximum(ulp, 1e-30)))

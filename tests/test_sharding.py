@@ -34,20 +34,20 @@ BF16_MAX_LOSS_GAP = 3e-3
 
 
 # =========================================================================== subprocess side
-def _tiny_model(memory: str):
+def _tiny_model(memory: str, **kw):
     from lamemo_jax.config import ModelConfig
-    return ModelConfig(n_token=32, n_layer=2, n_head=2, d_model=32, d_head=16, d_inner=64,
-                       tgt_len=8, mem_len=8, memory=memory, dropout=0.1, dropatt=0.1)
+    return ModelConfig(**{**dict(n_token=32, n_layer=2, n_head=2, d_model=32, d_head=16, d_inner=64,
+                                 tgt_len=8, mem_len=8, memory=memory, dropout=0.1, dropatt=0.1), **kw})
 
 
-def _parity(memory: str) -> dict:
+def _parity(memory: str, meshes=tuple(MESHES), **model) -> dict:
     """Two train steps (the memory carried into the second) on every mesh vs one device."""
     import jax
     from lamemo_jax import sharding as sl
     from lamemo_jax.experiment import MeshConfig, TrainConfig
     from lamemo_jax.trainer import init_sharded_train_state, make_optimizer, make_train_step
 
-    cfg = _tiny_model(memory)
+    cfg = _tiny_model(memory, **model)
     tc = TrainConfig(batch_size=8, num_steps=10, learning_rate=3e-3, schedule="constant", clip=1.0)
     opt = make_optimizer(tc)
     rng = np.random.default_rng(0)
@@ -94,7 +94,7 @@ def _parity(memory: str) -> dict:
     ref_loss, ref_params, ref_mem, ref_specs, _ = run((1, 1, 1), devices[:1])
     out = {"ref_loss": ref_loss, "ref_specs": ref_specs}
     for name, shape in MESHES.items():
-        if name == "2x1x4" and memory == "xl":
+        if name not in meshes or (name == "2x1x4" and memory == "xl"):
             continue  # the fallback case once is enough (compile time)
         loss, params, mem, specs, honoured = run(shape, devices)
         diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -298,6 +298,21 @@ def _remat_check() -> dict:
                 "in_jaxpr": out[p + "_in_jaxpr"]} for p in ("none", "full", "dots")}
 
 
+def _gpu_forms_parity() -> dict:
+    """The GPU's forms of the step, forced on CPU: layer matmuls zero-padded to multiples of 8 on
+    sizes that are not (d_model 30, 15-wide heads, d_inner 60) and the position product batched
+    over the batch rows. The 2x2x2 mesh (batch, fsdp and tensor sharding) vs one device."""
+    import kernels
+    from lamemo_jax import embedding
+    embedding.PAD_MULTIPLES, previous = (1, 8), embedding.PAD_MULTIPLES
+    kernels.set_batched_positions(True)
+    try:
+        return _parity("lamemo", meshes=("2x2x2",), d_model=30, d_head=15, d_inner=60)
+    finally:
+        embedding.PAD_MULTIPLES = previous
+        kernels.set_batched_positions(None)
+
+
 def _worker_eight_devices(out_dir: str) -> None:
     import jax
     assert jax.device_count() == 8, jax.devices()
@@ -311,6 +326,9 @@ def _worker_eight_devices(out_dir: str) -> None:
     t0 = time.time()
     res = {"parity": {m: _parity(m) for m in ("lamemo", "xl")}}
     res["parity_seconds"] = time.time() - t0
+    t0 = time.time()
+    res["gpu_forms"] = _gpu_forms_parity()
+    res["gpu_forms_seconds"] = time.time() - t0
     t0 = time.time()
     res["pallas"] = _pallas_sharded()
     res["pallas_seconds"] = time.time() - t0
@@ -429,6 +447,18 @@ def test_bf16_tracks_float32(tmp_path):
 def test_sharded_step_equals_single_device(eight, memory, mesh):
     r = eight["parity"][memory]
     got = r[mesh]
+    assert got["honoured"], got["specs"]
+    assert got["params_changed"]
+    np.testing.assert_allclose(got["loss"], r["ref_loss"], rtol=0, atol=TOL)
+    assert got["param_diff"] <= TOL, got["param_diff"]
+    assert got["memory_diff"] <= TOL, got["memory_diff"]
+
+
+def test_gpu_forms_sharded_equal_single_device(eight):
+    """Padded layer matmuls and the batched position product (the GPU defaults, forced on CPU)
+    under the 2x2x2 mesh give the single-device step's losses, parameters and memory."""
+    r = eight["gpu_forms"]
+    got = r["2x2x2"]
     assert got["honoured"], got["specs"]
     assert got["params_changed"]
     np.testing.assert_allclose(got["loss"], r["ref_loss"], rtol=0, atol=TOL)
