@@ -18,11 +18,12 @@
 #   output_layer  python -m benchmarks.output_layer: the wt103 output layer alone, its variants
 #                 (autodiff, custom_vjp, padding, chunks) -> output_layer.json
 #   profile       python -m benchmarks.profile_step: where the LaMemo and XL steps' device time
-#                 goes (kernels by kind and by op, busy vs wall), and both without the layer
-#                 matmuls' padding (model.pad_layer_matmuls=False) -> prof/profile.json
+#                 goes (kernels by kind and by op, busy vs wall), both without the layer
+#                 matmuls' padding (model.pad_layer_matmuls=False), and LaMemo with the position
+#                 product shared by the batch (batched_positions=False) -> prof/profile.json
 #   alignment     python -m benchmarks.alignment: one layer's matmuls unpadded vs padded to 8
 #                 (matmul kernel time from a trace) -> alignment.json
-# All stages together need up to ~19 minutes (their limits); a shorter lease runs some of them:
+# All stages together need up to ~22 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
@@ -40,7 +41,7 @@ LIMIT_BENCH=${LIMIT_BENCH:-110}
 LIMIT_TP=${LIMIT_TP:-200}
 LIMIT_TPC=${LIMIT_TPC:-90}
 LIMIT_OL=${LIMIT_OL:-80}
-LIMIT_PROF=${LIMIT_PROF:-420}
+LIMIT_PROF=${LIMIT_PROF:-540}
 LIMIT_AL=${LIMIT_AL:-60}
 
 STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment}
@@ -73,7 +74,8 @@ stage throughput_chunked "$LIMIT_TPC" "$PY" -m benchmarks.throughput --config="$
   --memories=lamemo --attention_impls=xla --set softmax_chunk=2048 --steps="$STEPS" --no_eval --out="$OUT/tpc"
 stage output_layer "$LIMIT_OL" "$PY" -m benchmarks.output_layer --iters 10 --json "$OUT/output_layer.json"
 stage profile "$LIMIT_PROF" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
-  --variant lamemo: --variant lamemo_nopad:pad_layer_matmuls=False --variant xl:memory=xl \
+  --variant lamemo: --variant lamemo_nopad:pad_layer_matmuls=False \
+  --variant lamemo_shared_pos:batched_positions=False --variant xl:memory=xl \
   --variant xl_nopad:memory=xl,pad_layer_matmuls=False --steps="$STEPS" \
   --trace_steps 2 --top 30 --out="$OUT/prof"
 stage alignment "$LIMIT_AL" "$PY" -m benchmarks.alignment --config="$CONFIG" --multiple 8 --iters 20 \

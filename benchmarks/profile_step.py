@@ -5,8 +5,9 @@ of each with the JAX profiler and sums the device kernels by XLA op and by kind.
         --variant plain: --variant chunk:softmax_chunk=2048 --variant xl:memory=xl --out=runs/prof
 
 Each ``--variant NAME:FIELD=VALUE,...`` is the config's model with those ModelConfig fields
-changed (``NAME:`` alone: unchanged). For each variant: compile, fill the memory, time
-``--steps`` steps (interleaved with the other variants, as benchmarks.throughput does), then
+changed (``NAME:`` alone: unchanged). ``batched_positions=True|False`` also forces the attention
+references' position product batched or shared (``kernels.set_batched_positions``) while that
+variant is traced. For each variant: compile, fill the memory, time ``--steps`` steps (interleaved with the other variants, as benchmarks.throughput does), then
 trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
 reports, per step: the device's busy time (the union of its kernels' intervals) against the
 step's wall time (the gap is launch / host overhead), the time by kind of kernel (matrix
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -31,6 +33,7 @@ import time
 import jax
 import numpy as np
 
+import kernels
 from benchmarks.throughput import (TrainTimer, base_config, load_config_file, parse_overrides,
                                    time_interleaved)
 from lamemo_jax.flops import device_peak_flops, train_step_flops
@@ -154,6 +157,24 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
     return trace_calls(call, n_steps, keep)
 
 
+def _batched_positions_setup(value):
+    """None, or a context manager factory that traces a variant with the attention references'
+    position product batched (True) or shared (False) (``kernels.set_batched_positions``)."""
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise ValueError(f"batched_positions={value!r}: True or False expected")
+
+    @contextlib.contextmanager
+    def setup():
+        kernels.set_batched_positions(value)
+        try:
+            yield
+        finally:
+            kernels.set_batched_positions(None)
+    return setup
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
     """'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, {FIELD: value})."""
     name, sep, rest = spec.partition(":")
@@ -199,16 +220,18 @@ def main(argv=None) -> int:
             memory = fields.pop("memory", exp.model.memory)
             mem_len = fields.pop("mem_len", exp.model.mem_len)
             impl = fields.pop("attention_impl", args.attention_impl)
-            variants.append((name, base_config(ns, memory, mem_len, impl).replace(**fields)))
+            setup = _batched_positions_setup(fields.pop("batched_positions", None))
+            variants.append((name, base_config(ns, memory, mem_len, impl).replace(**fields), setup))
     except (TypeError, ValueError) as e:
         p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     peak = device_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config {args.config}, "
           f"batch {batch}, {args.dtype}", flush=True)
-    timers = time_interleaved([cfg for _, cfg in variants], batch, args.steps)
+    timers = time_interleaved([cfg for _, cfg, _ in variants], batch, args.steps,
+                              setups=[setup for _, _, setup in variants])
     rows = []
-    for (name, cfg), timer in zip(variants, timers):
+    for (name, cfg, _), timer in zip(variants, timers):
         if isinstance(timer, Exception):
             rows.append({"variant": name, "error": f"{type(timer).__name__}: {str(timer)[:400]}"})
             continue

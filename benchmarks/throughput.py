@@ -28,6 +28,7 @@ Exit status 1 if a target fails (2 on bad flags).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -145,15 +146,18 @@ class TrainTimer:
                 float(np.percentile(self.times, 90)))
 
 
-def time_interleaved(cfgs, batch: int, steps: int, mesh=None):
+def time_interleaved(cfgs, batch: int, steps: int, mesh=None, setups=None):
     """Times the variants' steps in interleaved rounds, alternating the order (A B C, C B A, ...):
     a slow phase of a shared machine then hits every variant alike, so their ratios hold, and no
     variant always follows the same neighbour. Returns one entry per variant: its TrainTimer, or
-    the exception that stopped it from compiling or filling its memory."""
+    the exception that stopped it from compiling or filling its memory. ``setups``: one context
+    manager factory per variant (or None), entered while that variant's step is traced."""
     timers = []
-    for c in cfgs:
+    for i, c in enumerate(cfgs):
+        setup = setups[i] if setups and setups[i] else contextlib.nullcontext
         try:
-            timers.append(TrainTimer(c, batch, mesh))
+            with setup():
+                timers.append(TrainTimer(c, batch, mesh))
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
             timers.append(e)
     run_rounds([t for t in timers if isinstance(t, TrainTimer)], steps)
