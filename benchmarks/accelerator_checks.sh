@@ -9,7 +9,8 @@
 #                 runs before trusting the kernels)
 #   kernel_tests  tests/test_kernels.py's reference-equality cases, bf16 case and model tests
 #                 through the real Triton compile (LAMEMO_KERNELS_COMPILED=1), and the output
-#                 layer's tests (padding, custom_vjp) where padding is on by default
+#                 layer's tests (padding, custom_vjp) where padding is on by default, and the
+#                 position product's two batchings (batched_positions)
 #   kernel_bench  python -m benchmarks.kernels (Pallas vs XLA: time, memory, error) -> kernels.json
 #   throughput    the paper config in bf16, LaMemo and Transformer-XL, Pallas and XLA attention:
 #                 tokens/s and MFU -> tp/throughput.json
@@ -66,7 +67,7 @@ import kernels
 print('pallas_self_check:', kernels.pallas_self_check())"
 stage kernel_tests "$LIMIT_TESTS" env LAMEMO_KERNELS_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_kernels.py tests/test_model_properties.py -k "matches_reference or bfloat16 or torch_fixture \
-  or sgd_steps or output_layer or fused_cross or padded_layer"
+  or sgd_steps or output_layer or fused_cross or padded_layer or batched_positions"
 stage kernel_bench "$LIMIT_BENCH" "$PY" -m benchmarks.kernels --iters 20 --json "$OUT/kernels.json"
 stage throughput "$LIMIT_TP" "$PY" -m benchmarks.throughput --config="$CONFIG" --dtype=bfloat16 \
   --memories=lamemo,xl --attention_impls=pallas,xla --steps="$STEPS" --no_eval --out="$OUT/tp"
