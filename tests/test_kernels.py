@@ -417,9 +417,9 @@ def test_auto_self_check_passes_in_interpret_mode_and_falls_back_on_failure(monk
     assert K.resolve_impl("auto") == "xla"
 
 
-def _batched_positions_case(case, dtype=jnp.float32):
+def _batched_positions_case(kind, case, dtype=jnp.float32):
     """(fresh-function factory, input arrays, output/gradient names) of one reference case."""
-    if case in REL_CASES:
+    if kind == "rel":
         b, n, mb, h, d, valid, clamp, same_length, _, _ = REL_CASES[case]
         args, key_start = _rel_inputs(b, n, mb, h, d, valid, clamp)
         kw = dict(scale=1.0 / math.sqrt(d), same_length=same_length)
@@ -433,9 +433,9 @@ def _batched_positions_case(case, dtype=jnp.float32):
     return make_fn, args, names
 
 
-def _both_batchings(case, dtype=jnp.float32):
+def _both_batchings(kind, case, dtype=jnp.float32):
     results, programs = [], []
-    make_fn, args, names = _batched_positions_case(case, dtype)
+    make_fn, args, names = _batched_positions_case(kind, case, dtype)
     for batched in (False, True):
         kernels.set_batched_positions(batched)
         try:
@@ -448,20 +448,21 @@ def _both_batchings(case, dtype=jnp.float32):
     return results, names
 
 
-@pytest.mark.parametrize("case", sorted(REL_CASES) + sorted(LOOK_CASES))
-def test_batched_positions_same_values(case):
+@pytest.mark.parametrize("kind,case", [("rel", c) for c in sorted(REL_CASES)]
+                         + [("lookahead", c) for c in sorted(LOOK_CASES)])
+def test_batched_positions_same_values(kind, case):
     """The references' two batchings of the position product (r shared by the batch rows: the CPU
     default; r broadcast over them: the GPU default) give the same outputs and gradients."""
-    (shared, batched), names = _both_batchings(case)
+    (shared, batched), names = _both_batchings(kind, case)
     _assert_close(batched, shared, names, F32_TOL)
 
 
-@pytest.mark.parametrize("case", ["M=N_empty_row_gpu", "M>N_ragged"])
-def test_batched_positions_bfloat16_position_gradient(case):
+@pytest.mark.parametrize("kind,case", [("rel", "M=N_empty_row_gpu"), ("lookahead", "M>N_ragged")])
+def test_batched_positions_bfloat16_position_gradient(kind, case):
     """In bf16 the broadcast form's r gradient is summed over the batch in float32 and rounded
     once, like the shared form's: the two differ by at most one bf16 ulp per element (plain
     autodiff of the broadcast would round each batch row's gradient to bf16 first)."""
-    (shared, batched), names = _both_batchings(case, jnp.bfloat16)
+    (shared, batched), names = _both_batchings(kind, case, jnp.bfloat16)
     _assert_close(batched, shared, names, BF16_TOL, scaled=True)
     i = names.index("dr" if "dr" in names else "dr_table")
     a, b = (np.asarray(x[i], np.float64) for x in (batched, shared))
