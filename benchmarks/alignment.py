@@ -17,7 +17,8 @@ each way.
 
 A first version timed each call with a host clock (2026-11-26, H200; docs/benchmarks/
 h200_alignment_host_clock_{8,64}.json): that time also holds the elementwise sum, the launches and
-the synchronisation, which the trace now separates. This version has not yet run on a GPU.
+the synchronisation, which the trace now separates (first run on an H100, 2026-11-26:
+docs/benchmarks/h100_alignment.json).
 """
 
 from __future__ import annotations

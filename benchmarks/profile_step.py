@@ -6,9 +6,9 @@ of each with the JAX profiler and sums the device kernels by XLA op and by kind.
 
 Each ``--variant NAME:FIELD=VALUE,...`` is the config's model with those ModelConfig fields
 changed (``NAME:`` alone: unchanged). ``batched_positions=True|False`` also forces the attention
-references' position product batched or shared (``kernels.set_batched_positions``) while that
-variant is traced. For each variant: compile, fill the memory, time ``--steps`` steps (interleaved with the other variants, as benchmarks.throughput does), then
-trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
+references' position product batched or shared (``kernels.forced_batched_positions``) while that
+variant is traced. For each variant: compile, fill the memory, time ``--steps`` steps
+(interleaved with the other variants, as benchmarks.throughput does), then trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
 reports, per step: the device's busy time (the union of its kernels' intervals) against the
 step's wall time (the gap is launch / host overhead), the time by kind of kernel (matrix
 products, fusions, copies, collectives, custom calls such as Pallas/Triton), and the XLA ops
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
+import functools
 import glob
 import gzip
 import json
@@ -159,20 +159,12 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
 
 def _batched_positions_setup(value):
     """None, or a context manager factory that traces a variant with the attention references'
-    position product batched (True) or shared (False) (``kernels.set_batched_positions``)."""
+    position product batched (True) or shared (False) (``kernels.forced_batched_positions``)."""
     if value is None:
         return None
     if not isinstance(value, bool):
         raise ValueError(f"batched_positions={value!r}: True or False expected")
-
-    @contextlib.contextmanager
-    def setup():
-        kernels.set_batched_positions(value)
-        try:
-            yield
-        finally:
-            kernels.set_batched_positions(None)
-    return setup
+    return functools.partial(kernels.forced_batched_positions, value)
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import contextlib
 import functools
 
 import jax
@@ -61,6 +62,18 @@ def set_batched_positions(value: Optional[bool]) -> None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"set_batched_positions: True, False or None expected, got {value!r}")
     BATCHED_POSITIONS = value
+
+
+@contextlib.contextmanager
+def forced_batched_positions(value: bool):
+    """``set_batched_positions(value)`` for the functions traced inside the block, then the
+    previous setting again."""
+    previous = BATCHED_POSITIONS
+    set_batched_positions(value)
+    try:
+        yield
+    finally:
+        set_batched_positions(previous)
 
 
 def batched_positions() -> bool:

@@ -437,13 +437,10 @@ def _both_batchings(kind, case, dtype=jnp.float32):
     results, programs = [], []
     make_fn, args, names = _batched_positions_case(kind, case, dtype)
     for batched in (False, True):
-        kernels.set_batched_positions(batched)
-        try:
+        with kernels.forced_batched_positions(batched):
             fn = make_fn()  # a new function: jax caches traces per function
             programs.append(str(jax.make_jaxpr(fn)(*args)))
             results.append(_fwd_and_grads(fn, args))
-        finally:
-            kernels.set_batched_positions(None)
     assert programs[0] != programs[1]  # the setting does change the computation
     return results, names
 
