@@ -9,8 +9,9 @@
 #                 runs before trusting the kernels)
 #   kernel_tests  tests/test_kernels.py's reference-equality cases, bf16 case and model tests
 #                 through the real Triton compile (LAMEMO_KERNELS_COMPILED=1), and the output
-#                 layer's tests (padding, custom_vjp) where padding is on by default, and the
-#                 position product's two batchings (batched_positions)
+#                 layer's tests (padding, custom_vjp) where padding is on by default, the
+#                 position product's two batchings (batched_positions), and the softmax's one-
+#                 and two-pass forms (tests/test_softmax.py, one_pass_softmax)
 #   kernel_bench  python -m benchmarks.kernels (Pallas vs XLA: time, memory, error) -> kernels.json
 #   throughput    the paper config in bf16, LaMemo and Transformer-XL, Pallas and XLA attention:
 #                 tokens/s and MFU -> tp/throughput.json
@@ -19,9 +20,10 @@
 #   output_layer  python -m benchmarks.output_layer: the wt103 output layer alone, its variants
 #                 (autodiff, custom_vjp, padding, chunks) -> output_layer.json
 #   profile       python -m benchmarks.profile_step: where the LaMemo and XL steps' device time
-#                 goes (kernels by kind and by op, busy vs wall), both without the layer
-#                 matmuls' padding (model.pad_layer_matmuls=False), and LaMemo with the position
-#                 product shared by the batch (batched_positions=False) -> prof/profile.json
+#                 goes (kernels by kind and by op, busy vs wall), and LaMemo with the softmax in
+#                 two passes (one_pass_softmax=False) and with the position product shared by
+#                 the batch (batched_positions=False) -> prof/profile.json, and the LaMemo
+#                 step's trace and compiled HLO (prof/trace_lamemo.json.gz, prof/hlo_lamemo.txt.gz)
 #   alignment     python -m benchmarks.alignment: one layer's matmuls unpadded vs padded to 8
 #                 (matmul kernel time from a trace) -> alignment.json
 # All stages together need up to ~22 minutes (their limits); a shorter lease runs some of them:
@@ -66,8 +68,9 @@ print(jax.devices())
 import kernels
 print('pallas_self_check:', kernels.pallas_self_check())"
 stage kernel_tests "$LIMIT_TESTS" env LAMEMO_KERNELS_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_kernels.py tests/test_model_properties.py -k "matches_reference or bfloat16 or torch_fixture \
-  or sgd_steps or output_layer or fused_cross or padded_layer or batched_positions"
+  tests/test_kernels.py tests/test_model_properties.py tests/test_softmax.py -k "matches_reference or \
+  bfloat16 or torch_fixture or sgd_steps or output_layer or fused_cross or padded_layer or \
+  batched_positions or one_pass or softmax"
 stage kernel_bench "$LIMIT_BENCH" "$PY" -m benchmarks.kernels --iters 20 --json "$OUT/kernels.json"
 stage throughput "$LIMIT_TP" "$PY" -m benchmarks.throughput --config="$CONFIG" --dtype=bfloat16 \
   --memories=lamemo,xl --attention_impls=pallas,xla --steps="$STEPS" --no_eval --out="$OUT/tp"
@@ -75,9 +78,8 @@ stage throughput_chunked "$LIMIT_TPC" "$PY" -m benchmarks.throughput --config="$
   --memories=lamemo --attention_impls=xla --set softmax_chunk=2048 --steps="$STEPS" --no_eval --out="$OUT/tpc"
 stage output_layer "$LIMIT_OL" "$PY" -m benchmarks.output_layer --iters 10 --json "$OUT/output_layer.json"
 stage profile "$LIMIT_PROF" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
-  --variant lamemo: --variant lamemo_nopad:pad_layer_matmuls=False \
-  --variant lamemo_shared_pos:batched_positions=False --variant xl:memory=xl \
-  --variant xl_nopad:memory=xl,pad_layer_matmuls=False --steps="$STEPS" \
-  --trace_steps 2 --top 30 --out="$OUT/prof"
+  --variant lamemo: --variant lamemo_two_pass:one_pass_softmax=False \
+  --variant lamemo_shared_pos:batched_positions=False --variant xl:memory=xl --steps="$STEPS" \
+  --trace_steps 2 --top 30 --keep lamemo --out="$OUT/prof"
 stage alignment "$LIMIT_AL" "$PY" -m benchmarks.alignment --config="$CONFIG" --multiple 8 --iters 20 \
   --json "$OUT/alignment.json"

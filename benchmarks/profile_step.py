@@ -5,9 +5,10 @@ of each with the JAX profiler and sums the device kernels by XLA op and by kind.
         --variant plain: --variant chunk:softmax_chunk=2048 --variant xl:memory=xl --out=runs/prof
 
 Each ``--variant NAME:FIELD=VALUE,...`` is the config's model with those ModelConfig fields
-changed (``NAME:`` alone: unchanged). ``batched_positions=True|False`` also forces the attention
-references' position product batched or shared (``kernels.forced_batched_positions``) while that
-variant is traced. For each variant: compile, fill the memory, time ``--steps`` steps
+changed (``NAME:`` alone: unchanged). Two pseudo-fields force a form of the XLA path while that
+variant is traced: ``batched_positions=True|False`` the attention references' position product
+batched or shared (``kernels.forced_batched_positions``), ``one_pass_softmax=True|False`` the
+one-pass log-sum-exp and softmax backward or the plain two-pass autodiff (``kernels.softmax``). For each variant: compile, fill the memory, time ``--steps`` steps
 (interleaved with the other variants, as benchmarks.throughput does), then trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
 reports, per step: the device's busy time (the union of its kernels' intervals) against the
 step's wall time (the gap is launch / host overhead), the time by kind of kernel (matrix
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
+import contextlib
 import glob
 import gzip
 import json
@@ -157,14 +158,30 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
     return trace_calls(call, n_steps, keep)
 
 
-def _batched_positions_setup(value):
-    """None, or a context manager factory that traces a variant with the attention references'
-    position product batched (True) or shared (False) (``kernels.forced_batched_positions``)."""
-    if value is None:
+SWITCHES = {"batched_positions": kernels.BATCHED_POSITIONS, "one_pass_softmax": kernels.ONE_PASS_SOFTMAX}
+
+
+def switch_setup(fields: dict):
+    """Pops the switch pseudo-fields (``SWITCHES``) from ``fields``: None when there are none,
+    else a context manager factory that forces them while the variant's step is traced."""
+    forced = {}
+    for name, switch in SWITCHES.items():
+        value = fields.pop(name, None)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: True or False expected")
+        forced[switch] = value
+    if not forced:
         return None
-    if not isinstance(value, bool):
-        raise ValueError(f"batched_positions={value!r}: True or False expected")
-    return functools.partial(kernels.forced_batched_positions, value)
+
+    @contextlib.contextmanager
+    def setup():
+        with contextlib.ExitStack() as stack:
+            for switch, value in forced.items():
+                stack.enter_context(switch.forced(value))
+            yield
+    return setup
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -212,7 +229,7 @@ def main(argv=None) -> int:
             memory = fields.pop("memory", exp.model.memory)
             mem_len = fields.pop("mem_len", exp.model.mem_len)
             impl = fields.pop("attention_impl", args.attention_impl)
-            setup = _batched_positions_setup(fields.pop("batched_positions", None))
+            setup = switch_setup(fields)
             variants.append((name, base_config(ns, memory, mem_len, impl).replace(**fields), setup))
     except (TypeError, ValueError) as e:
         p.error(str(e))

@@ -35,15 +35,17 @@ from jax.sharding import PartitionSpec as P
 
 from kernels._relpos_flash import BlockSizes
 from kernels.lookahead import lookahead_pallas, lookahead_reference
-from kernels.rel_attention import (forced_batched_positions, rel_attention_pallas, rel_attention_reference,
-                                   set_batched_positions)
+from kernels.rel_attention import (BATCHED_POSITIONS, forced_batched_positions, rel_attention_pallas,
+                                   rel_attention_reference, set_batched_positions)
+from kernels.softmax import ONE_PASS as ONE_PASS_SOFTMAX
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 __all__ = ["BlockSizes", "IMPLS", "KernelUnavailableError", "Partition", "lookahead", "lookahead_pallas",
            "lookahead_reference", "rel_attention", "rel_attention_pallas",
-           "rel_attention_reference", "resolve_impl", "forced_batched_positions", "set_batched_positions"]
+           "rel_attention_reference", "resolve_impl", "forced_batched_positions", "set_batched_positions", "BATCHED_POSITIONS",
+           "ONE_PASS_SOFTMAX"]
 
 
 class KernelUnavailableError(RuntimeError):

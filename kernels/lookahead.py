@@ -39,6 +39,7 @@ from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
 from kernels.rel_attention import (batched_position_product, batched_positions, rel_shift_past,
                                     stat_dtype)
+from kernels.softmax import softmax_lse
 
 Array = jax.Array
 
@@ -116,8 +117,7 @@ def lookahead_reference(
     bd = band_position_scores(q_BMHD + vbias_HD, r_THD, r_offset, w)
     t = (ac + bd) * scale
     t = jnp.where(lookahead_mask(mb, w, mem_valid_B, causal), t, -jnp.inf)
-    z = jax.nn.logsumexp(t, axis=-1)  # [B, H, Mb]
-    p = jnp.exp(t - z[..., None])
+    p, z = softmax_lse(t)  # z [B, H, Mb]
     if dropatt > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropatt, p.shape)
         p = jnp.where(keep, p / (1.0 - dropatt), 0.0)

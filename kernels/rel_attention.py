@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import contextlib
 import functools
 
 import jax
@@ -33,6 +32,7 @@ from jax.experimental import pallas as pl
 
 from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
+from kernels.softmax import BackendSwitch, softmax_lse
 
 Array = jax.Array
 
@@ -52,34 +52,10 @@ def stat_dtype(dtype) -> jnp.dtype:
 # GPU. The same values either way (tested in float32 and
 # bfloat16, outputs and gradients): ``batched_position_product`` sums r's gradient over the batch
 # in the stat dtype and rounds it once, as the shared product does.
-BATCHED_POSITIONS: Optional[bool] = None
-
-
-def set_batched_positions(value: Optional[bool]) -> None:
-    """Force the position product's batching (True / False), or None: by backend (see above).
-    Takes effect for functions traced afterwards."""
-    global BATCHED_POSITIONS
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"set_batched_positions: True, False or None expected, got {value!r}")
-    BATCHED_POSITIONS = value
-
-
-@contextlib.contextmanager
-def forced_batched_positions(value: bool):
-    """``set_batched_positions(value)`` for the functions traced inside the block, then the
-    previous setting again."""
-    previous = BATCHED_POSITIONS
-    set_batched_positions(value)
-    try:
-        yield
-    finally:
-        set_batched_positions(previous)
-
-
-def batched_positions() -> bool:
-    if BATCHED_POSITIONS is not None:
-        return BATCHED_POSITIONS
-    return jax.default_backend() == "gpu"
+BATCHED_POSITIONS = BackendSwitch("batched_positions", ("gpu", "cuda", "rocm"))
+batched_positions = BATCHED_POSITIONS
+set_batched_positions = BATCHED_POSITIONS.set
+forced_batched_positions = BATCHED_POSITIONS.forced
 
 
 def _broadcast_batch(r: Array, like: Array) -> Array:
@@ -151,8 +127,7 @@ def rel_attention_probs(q_BNHD: Array, k_BKHD: Array, r_KHD: Array, u_HD: Array,
     s = (ac + rel_shift_past(bd)) * scale
     mask = rel_attention_mask(n, k, key_start_B, same_length)
     s = jnp.where(mask, s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    return jnp.exp(s - lse[..., None]), lse
+    return softmax_lse(s)
 
 
 def attention_mass_by_distance(p_BHNK: Array) -> Array:

@@ -433,11 +433,12 @@ def _batched_positions_case(kind, case, dtype=jnp.float32):
     return make_fn, args, names
 
 
-def _both_batchings(kind, case, dtype=jnp.float32):
+def _both_forms(kind, case, dtype=jnp.float32, switch=kernels.BATCHED_POSITIONS):
+    """The reference case's outputs and gradients with ``switch`` forced off, then on."""
     results, programs = [], []
     make_fn, args, names = _batched_positions_case(kind, case, dtype)
-    for batched in (False, True):
-        with kernels.forced_batched_positions(batched):
+    for on in (False, True):
+        with switch.forced(on):
             fn = make_fn()  # a new function: jax caches traces per function
             programs.append(str(jax.make_jaxpr(fn)(*args)))
             results.append(_fwd_and_grads(fn, args))
@@ -450,7 +451,7 @@ def _both_batchings(kind, case, dtype=jnp.float32):
 def test_batched_positions_same_values(kind, case):
     """The references' two batchings of the position product (r shared by the batch rows: the CPU
     default; r broadcast over them: the GPU default) give the same outputs and gradients."""
-    (shared, batched), names = _both_batchings(kind, case)
+    (shared, batched), names = _both_forms(kind, case)
     _assert_close(batched, shared, names, F32_TOL)
 
 
@@ -459,9 +460,19 @@ def test_batched_positions_bfloat16_position_gradient(kind, case):
     """In bf16 the broadcast form's r gradient is summed over the batch in float32 and rounded
     once, like the shared form's: the two differ by at most one bf16 ulp per element (plain
     autodiff of the broadcast would round each batch row's gradient to bf16 first)."""
-    (shared, batched), names = _both_batchings(kind, case, jnp.bfloat16)
+    (shared, batched), names = _both_forms(kind, case, jnp.bfloat16)
     _assert_close(batched, shared, names, BF16_TOL, scaled=True)
     i = names.index("dr" if "dr" in names else "dr_table")
     a, b = (np.asarray(x[i], np.float64) for x in (batched, shared))
     ulp = 2.0 ** -7 * np.maximum(np.abs(a), np.abs(b))
     assert np.all(np.abs(a - b) <= ulp), float(np.max(np.abs(a - b) / np.maximum(ulp, 1e-30)))
+
+
+@pytest.mark.parametrize("kind,case", [("rel", c) for c in sorted(REL_CASES)]
+                         + [("lookahead", c) for c in sorted(LOOK_CASES)])
+def test_one_pass_softmax_same_values(kind, case):
+    """The references' softmax in one pass with its closed-form backward (the GPU default) equals
+    the plain two-pass autodiff (the CPU's): outputs and every gradient, in float64, to 1e-12
+    (both compute lse, so also through the lookahead's interpolation weights)."""
+    (plain, one_pass), names = _both_forms(kind, case, jnp.float64, kernels.ONE_PASS_SOFTMAX)
+    _assert_close(one_pass, plain, names, 1e-12)

@@ -300,14 +300,16 @@ def _remat_check() -> dict:
 
 def _gpu_forms_parity() -> dict:
     """The GPU's forms of the step, forced on CPU: layer matmuls zero-padded to multiples of 8 on
-    sizes that are not (d_model 30, 15-wide heads, d_inner 60) and the position product batched
-    over the batch rows. The 2x2x2 mesh (batch, fsdp and tensor sharding) vs one device."""
+    sizes that are not (d_model 30, 15-wide heads, d_inner 60), the position product batched
+    over the batch rows, and the one-pass softmax (attention, and the output layer's log-sum-exp
+    through the chunked loss). The 2x2x2 mesh (batch, fsdp and tensor sharding) vs one device."""
     import kernels
     from lamemo_jax import embedding
     embedding.PAD_MULTIPLES, previous = (1, 8), embedding.PAD_MULTIPLES
     try:
-        with kernels.forced_batched_positions(True):
-            return _parity("lamemo", meshes=("2x2x2",), d_model=30, d_head=15, d_inner=60)
+        with kernels.forced_batched_positions(True), kernels.ONE_PASS_SOFTMAX.forced(True):
+            return _parity("lamemo", meshes=("2x2x2",), d_model=30, d_head=15, d_inner=60,
+                           softmax_chunk=24)
     finally:
         embedding.PAD_MULTIPLES = previous
 
@@ -458,8 +460,8 @@ def _assert_parity(r, mesh):
 
 
 def test_gpu_forms_sharded_equal_single_device(eight):
-    """Padded layer matmuls and the batched position product (the GPU defaults, forced on CPU)
-    under the 2x2x2 mesh give the single-device step's losses, parameters and memory."""
+    """Padded layer matmuls, the batched position product and the one-pass softmax (the GPU
+    defaults, forced on CPU) under the 2x2x2 mesh give the single-device step's losses, parameters and memory."""
     _assert_parity(eight["gpu_forms"], "2x2x2")
 
 
