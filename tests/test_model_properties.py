@@ -453,30 +453,33 @@ def test_bf16_output_layer_backward_matmuls_run_in_bf16():
         assert err <= 1e-2, err
 
 
-def _layer_padding_case(memory):
+def _layer_padding_case(memory, train=False):
     """(unpadded config, params, loss(params, config)) over two segments, on sizes 14, 10 and 22
-    (none a multiple of 8)."""
+    (none a multiple of 8); ``train``: with dropout (the same masks must drop the same units)."""
     cfg = small_cfg(n_token=40, n_layer=1, d_model=14, n_head=2, d_head=5, d_inner=22, memory=memory,
-                    pad_layer_matmuls=False)
+                    pad_layer_matmuls=False, dropout=0.3 if train else 0.0)
     params = perturbed_params(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 40)
     mem = lamemo_jax.init_memory(cfg, 2)
 
+    kw = dict(train=True, rng=jax.random.key(7)) if train else {}
+
     def loss(p, c):
-        _, m = lamemo_jax.apply(c, p, tokens[:, :6], mem, targets=tokens[:, 1:])  # fill the memory
-        out, _ = lamemo_jax.apply(c, p, tokens[:, 1:], m, targets=tokens[:, :6])
+        _, m = lamemo_jax.apply(c, p, tokens[:, :6], mem, targets=tokens[:, 1:], **kw)  # fill the memory
+        out, _ = lamemo_jax.apply(c, p, tokens[:, 1:], m, targets=tokens[:, :6], **kw)
         return jnp.sum(out.nll * jnp.arange(1.0, 7.0))
 
     return cfg, params, loss
 
 
-@pytest.mark.parametrize("memory", ["lamemo", "xl"])
-def test_padded_layer_matmuls_are_exact(monkeypatch, memory):
+@pytest.mark.parametrize("memory,train", [("lamemo", False), ("xl", False), ("lamemo", True)])
+def test_padded_layer_matmuls_are_exact(monkeypatch, memory, train):
     """pad_layer_matmuls=True zero-pads every layer matmul to multiples of 8 on an accelerator
-    (forced here): the same loss and gradients in float64, with the same parameters."""
+    (forced here): the same loss and gradients in float64, with the same parameters, also with
+    dropout (the same masks)."""
     from lamemo_jax import embedding
     monkeypatch.setattr(embedding, "PAD_MULTIPLES", (1, 8))
-    cfg, params, loss = _layer_padding_case(memory)
+    cfg, params, loss = _layer_padding_case(memory, train)
     padded = cfg.replace(pad_layer_matmuls=True)
     n_pads = [str(jax.make_jaxpr(loss, static_argnums=1)(params, c)).count(" pad[") for c in (cfg, padded)]
     assert n_pads[1] > n_pads[0]  # the padded model does pad
@@ -487,15 +490,15 @@ def test_padded_layer_matmuls_are_exact(monkeypatch, memory):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("memory", ["lamemo", "xl"])
-def test_layer_padding_changes_nothing_on_cpu(monkeypatch, memory):
+@pytest.mark.parametrize("memory,train", [("lamemo", False), ("xl", False), ("lamemo", True)])
+def test_layer_padding_changes_nothing_on_cpu(monkeypatch, memory, train):
     """pad_layer_matmuls is on by default; with a CPU's padding multiples (none, forced here so
     that the test means the same on any backend) the training step is the same program as with
     it off, so CPU results are bit-identical either way."""
     from lamemo_jax import embedding
     monkeypatch.setattr(embedding, "PAD_MULTIPLES", (1, 1))
     assert lamemo_jax.ModelConfig(n_token=40).pad_layer_matmuls is True
-    cfg, params, loss = _layer_padding_case(memory)
+    cfg, params, loss = _layer_padding_case(memory, train)
     texts = [str(jax.make_jaxpr(jax.value_and_grad(loss), static_argnums=1)(params, c))
              for c in (cfg, cfg.replace(pad_layer_matmuls=True))]
     assert texts[0] == texts[1]
