@@ -19,6 +19,10 @@ computes its own batch rows and heads (the kernels are independent per row and h
 position table and biases are replicated and their gradients summed by shard_map's transpose.
 An axis that does not divide the batch (or the heads) is left out (replicated), never an error.
 
+The references' GPU forms (``BATCHED_POSITIONS``, ``ONE_PASS_SOFTMAX``; ``kernels/softmax.py``'s
+``BackendSwitch``): the same values in another form, on by default on a GPU only; see
+docs/kernels.md.
+
 Attention dropout: the kernels do not implement ``dropatt``. A call with ``dropatt > 0`` and a
 ``dropout_rng`` (training with attention dropout) falls back to the reference whatever ``impl``
 says; the paper's recipes use dropatt = 0, so the kernels cover them. See docs/kernels.md.

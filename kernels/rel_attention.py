@@ -47,8 +47,8 @@ def stat_dtype(dtype) -> jnp.dtype:
 # over all B*N rows; XLA then lays the result out as [H, rows, K] and transposes it for the shift
 # (the fastest form on CPU: the broadcast form was 1.1-1.4x slower there, fwd+bwd at the 2-layer
 # benchmark sizes). True: r broadcast over the batch, so the product is batched over (B, H) like
-# the content scores and comes out in their layout (the wt103 bf16 training step on an H100: 100.6
-# -> 97.8 ms, timed with plain autodiff, before the backward below). None: by backend, True on a
+# the content scores and comes out in their layout (the wt103 bf16 training step on an H100, with
+# the backward below: 98.2 -> 93.5 ms, docs/benchmarks.md). None: by backend, True on a
 # GPU. The same values either way (tested in float32 and
 # bfloat16, outputs and gradients): ``batched_position_product`` sums r's gradient over the batch
 # in the stat dtype and rounds it once, as the shared product does.

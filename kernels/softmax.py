@@ -68,7 +68,7 @@ class BackendSwitch:
         return f"BackendSwitch({self.name!r}, value={self.value}, on={self.on_backends})"
 
 
-ONE_PASS = BackendSwitch("one_pass_logsumexp", ("gpu", "cuda", "rocm"))
+ONE_PASS = BackendSwitch("one_pass_softmax", ("gpu", "cuda", "rocm"))
 
 
 def _combine(a, b):
