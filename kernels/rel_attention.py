@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 
 from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
-from kernels.softmax import BackendSwitch, softmax_lse
+from kernels.softmax import GPU_BACKENDS, BackendSwitch, softmax_lse
 
 Array = jax.Array
 
@@ -52,7 +52,7 @@ def stat_dtype(dtype) -> jnp.dtype:
 # GPU. The same values either way (tested in float32 and
 # bfloat16, outputs and gradients): ``batched_position_product`` sums r's gradient over the batch
 # in the stat dtype and rounds it once, as the shared product does.
-BATCHED_POSITIONS = BackendSwitch("batched_positions", ("gpu", "cuda", "rocm"))
+BATCHED_POSITIONS = BackendSwitch("batched_positions", GPU_BACKENDS)
 batched_positions = BATCHED_POSITIONS
 set_batched_positions = BATCHED_POSITIONS.set
 forced_batched_positions = BATCHED_POSITIONS.forced

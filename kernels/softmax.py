@@ -11,14 +11,16 @@
 
 ``softmax_lse(s)`` -> (p = softmax(s), lse = logsumexp(s)): the attention references' softmax.
 In the one-pass form it is a ``custom_vjp`` whose backward is the closed form
-ds = p * (dp - sum(p * dp) + dlse), with p its only residual (plain autodiff of
-logsumexp-then-exp also saves exp(s - max), a second array the size of the scores).
+ds = p * (dp - sum(p * dp) + dlse) from the saved p (reverse mode only, like the Pallas kernels:
+``jax.jvp`` of it raises). It did not save memory on the H100 (the wt103 step's buffers:
+28,538 MB against 28,518 MB for the two-pass autodiff), only time.
 
 Which form runs is a ``BackendSwitch``, ``ONE_PASS``: by backend (on a GPU), or forced
 (``ONE_PASS.forced(True)`` for a block, ``ONE_PASS.set``). The CPU keeps the two-pass,
 plain-autodiff program: bit for bit what the recorded CPU runs used, and the one-pass form was
-not faster there (LaMemo train step at the 2-layer benchmark config, interleaved in one process:
-89.0 vs 90.3 ms at mem_len 64, 98.2 vs 122.4 at 128, 365.2 vs 368.6 at 512).
+not faster there (LaMemo train step at the 2-layer benchmark config, the two forms interleaved
+in one scratch run, two-pass vs one-pass: 89.0 vs 90.3 ms at mem_len 64, 98.2 vs 122.4 at 128,
+365.2 vs 368.6 at 512: even at 64 and 512, slower at 128).
 """
 
 from __future__ import annotations
@@ -64,11 +66,15 @@ class BackendSwitch:
             return self.value
         return jax.default_backend() in self.on_backends
 
+    def __bool__(self):
+        raise TypeError(f"{self.name}: call the switch (``{self.name}()``) for its current form")
+
     def __repr__(self) -> str:
         return f"BackendSwitch({self.name!r}, value={self.value}, on={self.on_backends})"
 
 
-ONE_PASS = BackendSwitch("one_pass_softmax", ("gpu", "cuda", "rocm"))
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
+ONE_PASS = BackendSwitch("one_pass_softmax", GPU_BACKENDS)
 
 
 def _combine(a, b):
@@ -82,18 +88,27 @@ def _combine(a, b):
     return m, s
 
 
+@jax.custom_jvp
 def logsumexp_one_pass(x: Array) -> Array:
-    """log(sum(exp(x))) over the last axis in one variadic reduction (no derivative rule: the
-    callers are ``custom_vjp`` forwards). A row of -inf gives -inf; NaN propagates."""
-    neg_inf = jnp.array(-jnp.inf, x.dtype)
-    m, s = lax.reduce((x, jnp.ones_like(x)), (neg_inf, jnp.array(0, x.dtype)), _combine,
+    """log(sum(exp(x))) over the last axis in one variadic reduction, in x's dtype (computed in at
+    least float32, as ``jax.nn.logsumexp``). A row of -inf gives -inf; NaN propagates.
+    Differentiable (its JVP is sum(softmax(x) * dx), as the two-pass form's)."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    neg_inf = jnp.array(-jnp.inf, xf.dtype)
+    m, s = lax.reduce((xf, jnp.ones_like(xf)), (neg_inf, jnp.array(0, xf.dtype)), _combine,
                       (x.ndim - 1,))
-    return m + jnp.log(s)
+    return (m + jnp.log(s)).astype(x.dtype)
+
+
+@logsumexp_one_pass.defjvp
+def _logsumexp_one_pass_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    lse = logsumexp_one_pass(x)
+    return lse, jnp.sum(jnp.exp(x - lse[..., None]) * dx, axis=-1)
 
 
 def logsumexp(x: Array) -> Array:
-    """log(sum(exp(x))) over the last axis, in the form ``ONE_PASS`` picks (forward use: the
-    one-pass form has no derivative rule; ``softmax_lse`` differentiates either)."""
+    """log(sum(exp(x))) over the last axis, in the form ``ONE_PASS`` picks."""
     return logsumexp_one_pass(x) if ONE_PASS() else jax.nn.logsumexp(x, axis=-1)
 
 

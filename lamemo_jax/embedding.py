@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.softmax import logsumexp as forward_logsumexp
+from kernels.softmax import logsumexp
 from lamemo_jax.config import ModelConfig
 
 Array = jax.Array
@@ -180,11 +180,11 @@ class AdaptiveSoftmax(nn.Module):
         return nll_of(head, head_class) + tail_nll
 
 
-def _nll_and_lse(logits: Array, targets: Array, forward_only: bool = False):
-    """(-log softmax(logits)[target], logsumexp(logits)) over the last axis. ``forward_only``
-    (the ``custom_vjp`` forwards, never differentiated): the log-sum-exp in the form
-    ``kernels.softmax.ONE_PASS`` picks (one pass over the logits on a GPU)."""
-    lse = forward_logsumexp(logits) if forward_only else jax.nn.logsumexp(logits, axis=-1)
+def _nll_and_lse(logits: Array, targets: Array):
+    """(-log softmax(logits)[target], logsumexp(logits)) over the last axis; the log-sum-exp in
+    the form ``kernels.softmax.ONE_PASS`` picks (one pass over the logits on a GPU; on a CPU
+    ``jax.nn.logsumexp``, the program as before)."""
+    lse = logsumexp(logits)
     return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
 
 
@@ -267,7 +267,7 @@ def _fused_ce(x, w, b, targets):
 
 def _fused_fwd(x, w, b, targets):
     logits = _logits(x, w, b)
-    nll, lse = _nll_and_lse(logits, targets, forward_only=True)
+    nll, lse = _nll_and_lse(logits, targets)
     return nll, (x, w, b, logits, lse, targets)
 
 
@@ -332,7 +332,7 @@ def _fwd(chunk, x, w, b, targets):
 
     def one(args):
         xc, tc = args
-        return _nll_and_lse(_logits(xc, w, b), tc, forward_only=True)
+        return _nll_and_lse(_logits(xc, w, b), tc)
 
     nll, lse = lax.map(one, _chunked(chunk, x, targets))
     nll, lse = nll.reshape(-1)[:t], lse.reshape(-1)[:t]

@@ -77,28 +77,52 @@ def test_default_form_by_backend_and_cpu_program_unchanged():
         assert str(grad_of(lambda s: sm.softmax_lse(s))) != str(grad_of(plain))
 
 
-@pytest.mark.parametrize("chunk", [0, 7])
-def test_output_layer_one_pass_forward(chunk):
-    """The output layer's custom_vjp paths (bf16 fused, chunked) with the one-pass log-sum-exp:
-    the same loss and gradients as two passes."""
+@pytest.mark.parametrize("path", ["plain", "fused_bf16", "chunked"])
+def test_output_layer_one_pass(path):
+    """The output layer's three paths (plain autodiff, the bf16 fused custom_vjp, the chunked
+    custom_vjp) with the one-pass log-sum-exp: the one-pass form really runs (another program),
+    with the same loss and gradients as two passes."""
     rng = np.random.default_rng(3)
-    dtype = jnp.bfloat16 if chunk == 0 else jnp.float64  # chunk 0 only takes the custom path in bf16
+    dtype = jnp.bfloat16 if path == "fused_bf16" else jnp.float64
+    chunk = 7 if path == "chunked" else 0
     x = jnp.asarray(rng.normal(size=(20, 16)), dtype)
     w = jnp.asarray(rng.normal(size=(300, 16)), dtype)
     b = jnp.asarray(rng.normal(size=300), jnp.float64 if dtype == jnp.float64 else jnp.float32)
     t = jnp.asarray(rng.integers(0, 300, size=20))
-    results = []
+    results, programs = [], []
     for one_pass in (False, True):
         with sm.ONE_PASS.forced(one_pass):
             f = lambda x, w, b: jnp.sum(embedding.softmax_cross_entropy(x, w, b, t, chunk) * jnp.arange(20.0))
-            results.append(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, b))
+            vg = jax.value_and_grad(f, argnums=(0, 1, 2))
+            programs.append(str(jax.make_jaxpr(vg)(x, w, b)))
+            results.append(jax.jit(vg)(x, w, b))
+    assert programs[0] != programs[1]
     (v0, g0), (v1, g1) = results
     tol = 1e-12 if dtype == jnp.float64 else 1e-5  # bf16: the f32 statistics' rounding only
     assert abs(float(v1 - v0)) <= tol * max(1.0, abs(float(v0)))
     for a, c in zip(g1, g0):
         a, c = np.asarray(a, np.float64), np.asarray(c, np.float64)
-        assert np.max(np.abs(a - c)) <= tol * max(1.0, np.max(np.abs(c))) or dtype == jnp.bfloat16 and \
-            np.max(np.abs(a - c)) <= 2.0 ** -7 * np.max(np.abs(c))  # bf16 gradients: one ulp
+        bound = tol * max(1.0, np.max(np.abs(c)))
+        if dtype == jnp.bfloat16:
+            bound = max(bound, 2.0 ** -7 * np.max(np.abs(c)))  # bf16 gradients: one ulp
+        assert np.max(np.abs(a - c)) <= bound
+
+
+def test_one_pass_logsumexp_low_precision_and_derivatives():
+    """bf16 input: the sum is carried in float32 (as jax.nn.logsumexp does), not in bf16. The
+    one-pass form has the two-pass form's derivatives (forward and reverse mode)."""
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 4096)), jnp.bfloat16)
+    got, want = sm.logsumexp_one_pass(x), jax.nn.logsumexp(x, axis=-1)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=2.0 ** -8)
+    y = _rows()[1:]  # finite rows (the second has a masked tail)
+    dy = jnp.asarray(np.random.default_rng(5).normal(size=y.shape))
+    g1, g0 = (jax.grad(lambda v: jnp.sum(f(v) * jnp.arange(1.0, 6.0)))(y)
+              for f in (sm.logsumexp_one_pass, lambda v: jax.nn.logsumexp(v, axis=-1)))
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=0, atol=1e-12)
+    t1 = jax.jvp(sm.logsumexp_one_pass, (y,), (dy,))[1]
+    t0 = jax.jvp(lambda v: jax.nn.logsumexp(v, axis=-1), (y,), (dy,))[1]
+    np.testing.assert_allclose(np.asarray(t1), np.asarray(t0), rtol=0, atol=1e-12)
 
 
 def test_backend_switch():
@@ -112,4 +136,6 @@ def test_backend_switch():
     assert s.value is None
     with pytest.raises(TypeError, match="demo: True, False or None expected"):
         s.set(1)
+    with pytest.raises(TypeError, match=r"call the switch"):  # not a bool: `if switch:` would be a bug
+        bool(s)
     assert kernels.BATCHED_POSITIONS.value is None and kernels.ONE_PASS_SOFTMAX is sm.ONE_PASS
