@@ -7,9 +7,10 @@ of each with the JAX profiler and sums the device kernels by XLA op and by kind.
 Each ``--variant NAME:FIELD=VALUE,...`` is the config's model with those ModelConfig fields
 changed (``NAME:`` alone: unchanged). Two pseudo-fields force a form of the XLA path while that
 variant is traced: ``batched_positions=True|False`` the attention references' position product
-batched or shared (``kernels.forced_batched_positions``), ``one_pass_softmax=True|False`` the
-one-pass log-sum-exp and softmax backward or the plain two-pass autodiff (``kernels.softmax``). For each variant: compile, fill the memory, time ``--steps`` steps
-(interleaved with the other variants, as benchmarks.throughput does), then trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
+batched or shared (``kernels.BATCHED_POSITIONS``), ``one_pass_softmax=True|False`` the one-pass
+log-sum-exp and softmax backward or the plain two-pass autodiff (``kernels.ONE_PASS_SOFTMAX``).
+For each variant: compile, fill the memory, time ``--steps`` steps (interleaved with the other
+variants, as benchmarks.throughput does), then trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
 reports, per step: the device's busy time (the union of its kernels' intervals) against the
 step's wall time (the gap is launch / host overhead), the time by kind of kernel (matrix
 products, fusions, copies, collectives, custom calls such as Pallas/Triton), and the XLA ops

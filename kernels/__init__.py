@@ -48,8 +48,8 @@ ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 __all__ = ["BlockSizes", "IMPLS", "KernelUnavailableError", "Partition", "lookahead", "lookahead_pallas",
            "lookahead_reference", "rel_attention", "rel_attention_pallas",
-           "rel_attention_reference", "resolve_impl", "forced_batched_positions", "set_batched_positions", "BATCHED_POSITIONS",
-           "ONE_PASS_SOFTMAX"]
+           "rel_attention_reference", "resolve_impl", "BATCHED_POSITIONS", "ONE_PASS_SOFTMAX",
+           "forced_batched_positions", "set_batched_positions"]
 
 
 class KernelUnavailableError(RuntimeError):

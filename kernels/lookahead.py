@@ -37,9 +37,8 @@ from jax.experimental import pallas as pl
 
 from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
-from kernels.rel_attention import (batched_position_product, batched_positions, rel_shift_past,
-                                    stat_dtype)
-from kernels.softmax import softmax_lse
+from kernels.rel_attention import batched_position_product, batched_positions, rel_shift_past
+from kernels.softmax import softmax_lse, stat_dtype
 
 Array = jax.Array
 

@@ -32,14 +32,9 @@ from jax.experimental import pallas as pl
 
 from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
-from kernels.softmax import GPU_BACKENDS, BackendSwitch, softmax_lse
+from kernels.softmax import GPU_BACKENDS, BackendSwitch, softmax_lse, stat_dtype
 
 Array = jax.Array
-
-
-def stat_dtype(dtype) -> jnp.dtype:
-    """dtype of softmax statistics: float64 in float64 runs, never below float32."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 # How the position scores' matmul is batched (read when a function is traced; set it with

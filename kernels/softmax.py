@@ -73,6 +73,11 @@ class BackendSwitch:
         return f"BackendSwitch({self.name!r}, value={self.value}, on={self.on_backends})"
 
 
+def stat_dtype(dtype) -> jnp.dtype:
+    """dtype of softmax statistics: float64 in float64 runs, never below float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 ONE_PASS = BackendSwitch("one_pass_softmax", GPU_BACKENDS)
 
@@ -93,7 +98,7 @@ def logsumexp_one_pass(x: Array) -> Array:
     """log(sum(exp(x))) over the last axis in one variadic reduction, in x's dtype (computed in at
     least float32, as ``jax.nn.logsumexp``). A row of -inf gives -inf; NaN propagates.
     Differentiable (its JVP is sum(softmax(x) * dx), as the two-pass form's)."""
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xf = x.astype(stat_dtype(x.dtype))
     neg_inf = jnp.array(-jnp.inf, xf.dtype)
     m, s = lax.reduce((xf, jnp.ones_like(xf)), (neg_inf, jnp.array(0, xf.dtype)), _combine,
                       (x.ndim - 1,))

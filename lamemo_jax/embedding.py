@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.softmax import logsumexp
+from kernels.softmax import logsumexp, stat_dtype
 from lamemo_jax.config import ModelConfig
 
 Array = jax.Array
@@ -312,7 +312,7 @@ def _logits(x, w, b):
 
 
 def _stat_dtype(x):
-    return jnp.promote_types(x.dtype, jnp.float32)
+    return stat_dtype(x.dtype)
 
 
 def _chunked(chunk: int, *arrays):

@@ -24,6 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from kernels.softmax import stat_dtype
 from lamemo_jax.config import ModelConfig
 
 Array = jax.Array
@@ -55,7 +56,7 @@ Memory = Union[XLMemory, LaMemoMemory]
 
 
 def stat_dtype_of(cfg: ModelConfig):
-    return jnp.promote_types(jnp.dtype(cfg.dtype), jnp.float32)
+    return stat_dtype(jnp.dtype(cfg.dtype))
 
 
 def init_memory(cfg: ModelConfig, batch_size: int) -> Memory:
