@@ -15,7 +15,15 @@ reports, per step: the device's busy time (the union of its kernels' intervals) 
 step's wall time (the gap is launch / host overhead), the time by kind of kernel (matrix
 products, fusions, copies, collectives, custom calls such as Pallas/Triton), and the XLA ops
 that take the most time. Writes ``profile.json`` (and, for each ``--keep NAME``, that variant's
-trace and its compiled HLO, where the ops' names are defined). On a CPU the trace has no device kernels; only the step times are measured there.
+trace and its compiled HLO, where the ops' names are defined). The ops' time is also summed by
+model region (look-ahead, current-row attention, FFN, projections, output layer, optimizer...),
+from the name scopes in the compiled HLO's metadata.
+
+On a CPU (XLA:CPU has no device kernels) the same summary comes from the runtime's host events
+that are the executable's ops; without ``--config`` it profiles benchmarks.throughput's CPU
+config (the original code's, mem_len 64 unless a variant sets it):
+
+    python -m benchmarks.profile_step --variant lamemo: --variant xl:memory=xl --steps=15
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,11 +79,57 @@ def busy_time(intervals) -> float:
     return total
 
 
-def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
+# model regions by the op's name scope (op_name metadata; first match wins). The attention
+# dispatchers in kernels/ open the "rel_attention" and "lookahead" scopes.
+REGIONS = (
+    ("look-ahead (memory rows)", ("/lookahead/",)),
+    ("attention (current rows)", ("/rel_attention/",)),
+    ("FFN", ("/pos_ff/",)),
+    ("o_net + LayerNorm", ("/o_net/", "/attn_norm/")),
+    ("q/k/v projections", ("/q_net/", "/kv_net/", "/qkv_net/")),
+    ("position vectors (r_net)", ("/r_net/",)),
+    ("output layer + loss", ("/crit.",)),
+    ("embedding", ("/word_emb/",)),
+)
+
+
+def op_region(op_name: str) -> str:
+    """The model region of an XLA op, from its op_name metadata."""
+    for region, frags in REGIONS:
+        if any(f in op_name for f in frags):
+            return region
+    if "TransformerLM" in op_name:
+        return "model, other (concat, dropout, memory)"
+    return "optimizer, gradient norm, step" if op_name else "unattributed"
+
+
+def hlo_op_names(hlo_text: str) -> dict:
+    """Instruction name -> op_name metadata ('' when none) of a compiled HLO module's text."""
+    out = {}
+    for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$', hlo_text, re.M):
+        meta = re.search(r'op_name="([^"]*)"', m.group(2))
+        out.setdefault(m.group(1), meta.group(1) if meta else "")
+    return out
+
+
+def _host_op_kind(name: str, op_name: str) -> str:
+    """Kind of an XLA:CPU op: its matrix products run as dots or YNN/XNN fusions of a dot."""
+    if name.startswith("dot") or (name.startswith(("ynn_fusion", "xnn_fusion"))
+                                  and op_name.endswith("dot_general")):
+        return "matmul"
+    return kernel_kind(name)
+
+
+def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | None = None) -> dict:
     """Device-kernel time of a Chrome-format trace (``jax.profiler`` output), per step.
 
     Device kernels are the complete ("X") events on a process named ``/device:...`` whose thread
-    is a stream (not the derived "XLA Ops" / "XLA Modules" / "Steps" lines)."""
+    is a stream (not the derived "XLA Ops" / "XLA Modules" / "Steps" lines). With ``hlo_text``
+    (the traced executable's compiled HLO) the time is also summed by model region
+    (``op_region``), and a trace without device kernels (XLA:CPU) is summarized from its host
+    events that are the module's ops (the CPU runtime's thunks, named by HLO instruction). On a
+    CPU independent ops run concurrently on the cores, so there the summed op time exceeds the
+    busy time (the union of the ops' intervals)."""
     events = trace.get("traceEvents", [])
     pnames, tnames = {}, {}
     for e in events:
@@ -85,7 +140,8 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
     # the first device only (a multi-device trace would otherwise sum its devices' kernels)
     devices = sorted((n, p) for p, n in pnames.items() if n.startswith("/device:"))
     dev_pids = {devices[0][1]} if devices else set()
-    kernels = []
+    op_names = hlo_op_names(hlo_text) if hlo_text else {}
+    kernels, source = [], "device"
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in dev_pids:
             continue
@@ -93,11 +149,16 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
         if tname.startswith(("XLA Ops", "XLA Modules", "Steps", "TensorFlow", "Framework", "Source")):
             continue
         kernels.append(e)
+    if not kernels and op_names:
+        source = "host ops (XLA:CPU)"
+        kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and e.get("name") in op_names]
     if not kernels:
         return {"device_kernels": 0}
     per_step = 1e-3 / n_steps  # trace times are microseconds -> ms per step
     by_kind = collections.Counter()
     by_op = collections.Counter()
+    by_region = collections.Counter()
+    by_region_bwd = collections.Counter()
     op_kernel = {}
     op_count = collections.Counter()
     for e in kernels:
@@ -105,14 +166,24 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
         op = args.get("hlo_op") or e["name"]
         if op.startswith("command_buffer"):  # a CUDA graph of many ops: its kernels by name instead
             op = e["name"]
-        by_kind[kernel_kind(e["name"])] += e["dur"]
+        op_name = op_names.get(op, "")
+        if source == "device":
+            by_kind[kernel_kind(e["name"])] += e["dur"]
+        else:
+            by_kind[_host_op_kind(e["name"], op_name)] += e["dur"]
         by_op[op] += e["dur"]
         op_count[op] += 1
-        op_kernel.setdefault(op, e["name"][:120])
+        op_kernel.setdefault(op, e["name"][:120] if source == "device" else op_name[-120:])
+        if op_names:
+            region = op_region(op_name)
+            by_region[region] += e["dur"]
+            if "transpose(jvp(" in op_name:
+                by_region_bwd[region] += e["dur"]
     busy = busy_time((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     total = sum(by_kind.values())
-    return {
+    out = {
+        "source": source,
         "device_kernels": len(kernels),
         "kernels_per_step": len(kernels) / n_steps,
         "kernel_ms_per_step": total * per_step,
@@ -123,11 +194,17 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25) -> dict:
                      "launches_per_step": op_count[op] / n_steps, "kernel": op_kernel[op]}
                     for op, t in by_op.most_common(top)],
     }
+    if op_names:
+        out["by_region"] = [{"region": r, "ms_per_step": t * per_step, "share": t / total,
+                             "backward_ms_per_step": by_region_bwd[r] * per_step}
+                            for r, t in by_region.most_common()]
+    return out
 
 
-def trace_calls(call, n_steps: int, keep: str | None = None) -> dict:
+def trace_calls(call, n_steps: int, keep: str | None = None, hlo_text: str | None = None) -> dict:
     """Traces n_steps calls of ``call()`` (which returns what to wait for) with jax.profiler and
-    summarizes the device kernels per call; ``keep``: also copy the trace there."""
+    summarizes the device kernels per call (``summarize_trace``; ``hlo_text``: the called
+    executable's compiled HLO); ``keep``: also copy the trace there."""
     d = tempfile.mkdtemp(prefix="lamemo_prof_")
     try:
         with jax.profiler.trace(d):
@@ -140,7 +217,7 @@ def trace_calls(call, n_steps: int, keep: str | None = None) -> dict:
         if not paths:
             return {"error": "the profiler wrote no trace.json.gz", "traced_wall_ms_per_step": wall}
         with gzip.open(paths[0], "rb") as f:
-            summary = summarize_trace(json.load(f), n_steps)
+            summary = summarize_trace(json.load(f), n_steps, hlo_text=hlo_text)
         if keep:
             shutil.copy(paths[0], keep)
         return {"traced_wall_ms_per_step": wall, **summary}
@@ -156,8 +233,12 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
         timer.state, m = timer.step(timer.state, timer.x, timer.x, timer.sos)
         return timer.state, m
 
-    return trace_calls(call, n_steps, keep)
+    return trace_calls(call, n_steps, keep, hlo_text=timer.step.as_text())
 
+
+# benchmarks.throughput's default model (the original code's comparison config), for --config=None
+CPU_BENCHMARK_MODEL = dict(n_token=1000, n_layer=2, d_model=128, n_head=4, d_head=32, d_inner=512,
+                           tgt_len=64)
 
 SWITCHES = {"batched_positions": kernels.BATCHED_POSITIONS, "one_pass_softmax": kernels.ONE_PASS_SOFTMAX}
 
@@ -199,8 +280,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="a configs/*.py file (required unless --summarize)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--config", default=None,
+                   help="a configs/*.py file; none: the CPU benchmark config of benchmarks.throughput "
+                        "(the original code's: 2 layers, d_model 128, batch 8, tgt_len 64, mem_len 64)")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 with --config, else float32")
     p.add_argument("--attention_impl", default="xla")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...")
     p.add_argument("--batch", type=int, default=None, help="default: the config's")
@@ -212,23 +295,35 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/profile")
     p.add_argument("--summarize", default=None, metavar="TRACE.json.gz",
                    help="only summarize a kept trace (--keep) of --trace_steps steps, print JSON")
+    p.add_argument("--hlo", default=None, metavar="HLO.txt.gz",
+                   help="with --summarize: the kept HLO (op names and model regions; needed on CPU)")
     args = p.parse_args(argv)
     if args.summarize:
+        hlo = None
+        if args.hlo:
+            with gzip.open(args.hlo, "rt") as f:
+                hlo = f.read()
         with gzip.open(args.summarize, "rb") as f:
-            print(json.dumps(summarize_trace(json.load(f), args.trace_steps, top=args.top), indent=1))
+            print(json.dumps(summarize_trace(json.load(f), args.trace_steps, top=args.top,
+                                             hlo_text=hlo), indent=1))
         return 0
-    if not args.config:
-        p.error("--config is required (unless --summarize)")
-    exp = load_config_file(args.config)
-    batch = args.batch or exp.train.batch_size
+    if args.config:
+        exp = load_config_file(args.config)
+        exp_model, batch = exp.model, args.batch or exp.train.batch_size
+        dtype = args.dtype or "bfloat16"
+        ns = argparse.Namespace(config=args.config, dtype=dtype, set=[])
+    else:  # benchmarks.throughput's CPU config (its argparse defaults)
+        dtype = args.dtype or "float32"
+        ns = argparse.Namespace(config=None, dtype=dtype, set=[], **CPU_BENCHMARK_MODEL)
+        exp_model = base_config(ns, "lamemo", 64, args.attention_impl)
+        batch = args.batch or 8
     specs = args.variant or ["default:"]
-    ns = argparse.Namespace(config=args.config, dtype=args.dtype, set=[])
     try:
         variants = []
         for spec in specs:
             name, fields = parse_variant(spec)
-            memory = fields.pop("memory", exp.model.memory)
-            mem_len = fields.pop("mem_len", exp.model.mem_len)
+            memory = fields.pop("memory", exp_model.memory)
+            mem_len = fields.pop("mem_len", exp_model.mem_len)
             impl = fields.pop("attention_impl", args.attention_impl)
             setup = switch_setup(fields)
             variants.append((name, base_config(ns, memory, mem_len, impl).replace(**fields), setup))
@@ -236,8 +331,8 @@ def main(argv=None) -> int:
         p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     peak = device_peak_flops()
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config {args.config}, "
-          f"batch {batch}, {args.dtype}", flush=True)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config "
+          f"{args.config or 'benchmarks.throughput (CPU)'}, batch {batch}, {dtype}", flush=True)
     timers = time_interleaved([cfg for _, cfg, _ in variants], batch, args.steps,
                               setups=[setup for _, _, setup in variants])
     rows = []
@@ -262,11 +357,15 @@ def main(argv=None) -> int:
               f"{row['train_tokens_per_sec']:.0f} tok/s, {flops / 1e12:.2f} TFLOP/step, "
               f"{row['achieved_tflops']:.1f} TFLOP/s{mfu}", flush=True)
         if prof.get("device_kernels"):
-            print(f"   traced {prof['traced_wall_ms_per_step']:.1f} ms/step wall; device busy "
-                  f"{prof['busy_ms_per_step']:.1f} ms, kernels {prof['kernel_ms_per_step']:.1f} ms "
+            what = "device" if prof["source"] == "device" else "ops (XLA:CPU, concurrent on the cores)"
+            print(f"   traced {prof['traced_wall_ms_per_step']:.1f} ms/step wall; {what} busy "
+                  f"{prof['busy_ms_per_step']:.1f} ms, summed {prof['kernel_ms_per_step']:.1f} ms "
                   f"({prof['kernels_per_step']:.0f} launches)", flush=True)
             print("   by kind (ms/step): " + ", ".join(
                 f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items()), flush=True)
+            print("   by model region (ms/step, of which backward): " + ", ".join(
+                f"{r['region']} {r['ms_per_step']:.1f} ({r['backward_ms_per_step']:.1f})"
+                for r in prof.get("by_region", [])), flush=True)
             for o in prof["top_ops"][:args.top]:
                 print(f"   {o['ms_per_step']:7.2f} ms {o['share']:6.1%} x{o['launches_per_step']:<4.0f} "
                       f"{o['op'][:40]:40s} {o['kernel'][:70]}", flush=True)

@@ -172,17 +172,19 @@ def rel_attention(impl: str, *args, partition: Optional[Partition] = None, **kwa
     """``rel_attention_reference`` / ``rel_attention_pallas`` by ``impl`` (same arguments);
     ``partition``: see the module docstring (used by the Pallas implementations)."""
     impl = resolve_impl(impl)
-    if impl == "xla" or _uses_attention_dropout(kwargs):
-        return rel_attention_reference(*args, **kwargs)
-    fn = lambda *a: rel_attention_pallas(*a, interpret=(impl == "pallas_interpret"), **kwargs)
-    return _partitioned(fn, args, _REL_IN, partition)
+    with jax.named_scope("rel_attention"):  # op names in profiles (benchmarks.profile_step)
+        if impl == "xla" or _uses_attention_dropout(kwargs):
+            return rel_attention_reference(*args, **kwargs)
+        fn = lambda *a: rel_attention_pallas(*a, interpret=(impl == "pallas_interpret"), **kwargs)
+        return _partitioned(fn, args, _REL_IN, partition)
 
 
 def lookahead(impl: str, *args, partition: Optional[Partition] = None, **kwargs):
     """``lookahead_reference`` / ``lookahead_pallas`` by ``impl`` (same arguments);
     ``partition``: see the module docstring (used by the Pallas implementations)."""
     impl = resolve_impl(impl)
-    if impl == "xla" or _uses_attention_dropout(kwargs):
-        return lookahead_reference(*args, **kwargs)
-    fn = lambda *a: lookahead_pallas(*a, interpret=(impl == "pallas_interpret"), **kwargs)
-    return _partitioned(fn, args, _LOOK_IN, partition)
+    with jax.named_scope("lookahead"):
+        if impl == "xla" or _uses_attention_dropout(kwargs):
+            return lookahead_reference(*args, **kwargs)
+        fn = lambda *a: lookahead_pallas(*a, interpret=(impl == "pallas_interpret"), **kwargs)
+        return _partitioned(fn, args, _LOOK_IN, partition)

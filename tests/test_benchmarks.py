@@ -107,6 +107,39 @@ def test_profile_summary_sums_device_kernels_per_step():
     assert summarize_trace({"traceEvents": meta[1:2]}, 1) == {"device_kernels": 0}
 
 
+def test_profile_summary_of_a_cpu_trace_by_op_kind_and_model_region():
+    """Without device kernels (XLA:CPU) the host events named by an HLO instruction are the ops;
+    each is attributed to a model region by its op_name scope, backward by transpose(jvp(...))."""
+    from benchmarks.profile_step import op_region, summarize_trace
+    hlo = "\n".join([
+        'ENTRY %main {',
+        '  %ynn_fusion.1 = f32[8,64]{1,0} fusion(%a, %b), kind=kCustom, calls=%c1, '
+        'metadata={op_name="jit(step_fn)/jvp(TransformerLM)/layers_0/lookahead/bphd,bwhd->bhpw/dot_general"}',
+        '  %copy_pad_fusion = f32[8,64]{1,0} fusion(%a), kind=kLoop, calls=%c2, '
+        'metadata={op_name="jit(step_fn)/transpose(jvp(TransformerLM))/layers_0/lookahead/pad"}',
+        '  %dot.3 = f32[8,8]{1,0} dot(%a, %b), metadata={op_name="jit(step_fn)/jvp(TransformerLM)/layers_1/pos_ff/CoreNet_0/dot_general"}',
+        '  ROOT %add.4 = f32[8]{0} add(%a, %b), metadata={op_name="jit(step_fn)/add"}',
+        '}'])
+    events = [{"ph": "X", "pid": 5, "tid": t, "ts": ts, "dur": dur, "name": name}
+              for name, t, ts, dur in [("ynn_fusion.1", 1, 0, 300), ("copy_pad_fusion", 2, 100, 400),
+                                       ("dot.3", 1, 600, 200), ("add.4", 1, 900, 100),
+                                       ("ThunkExecutor::Execute", 1, 0, 2000)]]
+    assert summarize_trace({"traceEvents": events}, 2) == {"device_kernels": 0}  # no HLO: no ops
+    s = summarize_trace({"traceEvents": events}, n_steps=2, hlo_text=hlo)
+    assert s["source"] == "host ops (XLA:CPU)" and s["kernels_per_step"] == 2  # the executor left out
+    assert s["kernel_ms_per_step"] == pytest.approx(1e-3 * 1000 / 2)
+    assert s["busy_ms_per_step"] == pytest.approx(1e-3 * 800 / 2)  # [0, 500) + [600, 800) + [900, 1000)
+    assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.25, "copy": 0.2, "fusion": 0.05})
+    assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(
+        {"look-ahead (memory rows)": 0.35, "FFN": 0.1, "optimizer, gradient norm, step": 0.05})
+    assert {r["region"]: r["backward_ms_per_step"] for r in s["by_region"]} == pytest.approx(
+        {"look-ahead (memory rows)": 0.2, "FFN": 0.0, "optimizer, gradient norm, step": 0.0})
+    assert op_region("jit(step_fn)/jvp(TransformerLM)/layers_0/rel_attention/exp") == "attention (current rows)"
+    assert op_region("jit(step_fn)/jvp(TransformerLM)/crit.nll/dot_general") == "output layer + loss"
+    assert op_region("jit(step_fn)/jvp(TransformerLM)/layers_1/concatenate").startswith("model, other")
+    assert op_region("") == "unattributed"
+
+
 def test_profile_step_and_output_layer_run_on_cpu(tmp_path, capsys):
     from benchmarks import output_layer, profile_step
     small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=4"
@@ -118,6 +151,15 @@ def test_profile_step_and_output_layer_run_on_cpu(tmp_path, capsys):
     assert kernels.BATCHED_POSITIONS.value is None and kernels.ONE_PASS_SOFTMAX.value is None  # reset
     assert all(r["step_ms"] > 0 and r["profile"]["traced_wall_ms_per_step"] > 0 for r in out["rows"])
     assert (tmp_path / "trace_a.json.gz").exists() and (tmp_path / "hlo_a.txt.gz").exists()
+    for row in out["rows"]:  # XLA:CPU: the ops from the host events, both attentions found by scope
+        regions = {r["region"] for r in row["profile"]["by_region"]}
+        assert row["profile"]["source"] == "host ops (XLA:CPU)" and "attention (current rows)" in regions
+        assert ("look-ahead (memory rows)" in regions) == (row["variant"] != "x")
+    summary = capsys.readouterr().out
+    assert "by model region" in summary
+    assert profile_step.main(["--summarize", str(tmp_path / "trace_a.json.gz"), "--trace_steps=1",
+                              "--hlo", str(tmp_path / "hlo_a.txt.gz")]) == 0
+    assert json.loads(capsys.readouterr().out)["by_region"]
     with pytest.raises(SystemExit):
         profile_step.main(["--config=configs/tiny.py", "--variant=bad", f"--out={tmp_path}"])
     assert "NAME:FIELD=VALUE" in capsys.readouterr().err
