@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 
@@ -103,21 +105,71 @@ def op_region(op_name: str) -> str:
     return "optimizer, gradient norm, step" if op_name else "unattributed"
 
 
-def hlo_op_names(hlo_text: str) -> dict:
-    """Instruction name -> op_name metadata ('' when none) of a compiled HLO module's text."""
-    out = {}
-    for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$', hlo_text, re.M):
-        meta = re.search(r'op_name="([^"]*)"', m.group(2))
-        out.setdefault(m.group(1), meta.group(1) if meta else "")
-    return out
+class HloOp(NamedTuple):
+    opcode: str
+    op_name: str  # the op_name metadata ('' when none)
+    has_dot: bool  # a fusion whose fused computation contains a dot
 
 
-def _host_op_kind(name: str, op_name: str) -> str:
-    """Kind of an XLA:CPU op: its matrix products run as dots or YNN/XNN fusions of a dot."""
-    if name.startswith("dot") or (name.startswith(("ynn_fusion", "xnn_fusion"))
-                                  and op_name.endswith("dot_general")):
+# ops that only hold other ops (the XLA:CPU runtime traces the ops inside them too)
+CONTAINER_OPCODES = ("while", "conditional", "call")
+
+
+def _skip_shape(rhs: str) -> str:
+    """What follows the result shape of an instruction's right-hand side ('f32[8]{0} add(...)'
+    or a tuple shape '(f32[], /*index=5*/u32[]) while(...)')."""
+    if not rhs.startswith("("):
+        return rhs.partition(" ")[2]
+    depth = 0
+    for i, c in enumerate(rhs):
+        depth += (c == "(") - (c == ")")
+        if depth == 0:
+            return rhs[i + 1:].lstrip()
+    return ""
+
+
+def hlo_ops(hlo_text: str) -> dict:
+    """Instruction name -> ``HloOp`` of a compiled HLO module's text (names are unique in a
+    module, fused computations' parameters included)."""
+    dot_comps, comp = set(), None
+    ops = {}
+    for line in hlo_text.splitlines():
+        head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) \(', line)
+        if head:  # a computation's header line
+            comp = head.group(1)
+            continue
+        m = re.match(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$', line)
+        if not m:
+            continue
+        rest = _skip_shape(m.group(2))
+        op = re.match(r'([\w\-]+)\(', rest)
+        if not op:
+            continue
+        if op.group(1) == "dot":
+            dot_comps.add(comp)
+        meta = re.search(r'op_name="([^"]*)"', rest)
+        calls = re.search(r'calls=%?([\w.\-]+)', rest)
+        ops.setdefault(m.group(1), (op.group(1), meta.group(1) if meta else "",
+                                    calls.group(1) if calls else None))
+    return {name: HloOp(opcode, op_name, calls in dot_comps)
+            for name, (opcode, op_name, calls) in ops.items()}
+
+
+def _host_op_kind(name: str, op: HloOp) -> str:
+    """Kind of an XLA:CPU op: its matrix products run as dots or as fusions of a dot."""
+    if op.opcode == "dot" or op.has_dot:
         return "matmul"
     return kernel_kind(name)
+
+
+def _kernel_op(name: str, ops: dict) -> str:
+    """The HLO op of a GPU kernel inside a command buffer (a CUDA graph), from the kernel's
+    name: XLA names a fusion's kernel after it with '_' for '.' (input_reduce_fusion_32 ->
+    input_reduce_fusion.32); library kernels (cuBLAS) have no op."""
+    if name in ops:
+        return name
+    dotted = re.sub(r"_(\d+)$", r".\1", name)
+    return dotted if dotted in ops else name
 
 
 def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | None = None) -> dict:
@@ -140,7 +192,7 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
     # the first device only (a multi-device trace would otherwise sum its devices' kernels)
     devices = sorted((n, p) for p, n in pnames.items() if n.startswith("/device:"))
     dev_pids = {devices[0][1]} if devices else set()
-    op_names = hlo_op_names(hlo_text) if hlo_text else {}
+    ops = hlo_ops(hlo_text) if hlo_text else {}
     kernels, source = [], "device"
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in dev_pids:
@@ -149,9 +201,10 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
         if tname.startswith(("XLA Ops", "XLA Modules", "Steps", "TensorFlow", "Framework", "Source")):
             continue
         kernels.append(e)
-    if not kernels and op_names:
+    if not kernels and ops:
         source = "host ops (XLA:CPU)"
-        kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and e.get("name") in op_names]
+        kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and e.get("name") in ops
+                   and ops[e["name"]].opcode not in CONTAINER_OPCODES]
     if not kernels:
         return {"device_kernels": 0}
     per_step = 1e-3 / n_steps  # trace times are microseconds -> ms per step
@@ -165,16 +218,17 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
         args = e.get("args", {}) or {}
         op = args.get("hlo_op") or e["name"]
         if op.startswith("command_buffer"):  # a CUDA graph of many ops: its kernels by name instead
-            op = e["name"]
-        op_name = op_names.get(op, "")
+            op = _kernel_op(e["name"], ops)
+        hlo_op = ops.get(op, HloOp("", "", False))
+        op_name = hlo_op.op_name
         if source == "device":
             by_kind[kernel_kind(e["name"])] += e["dur"]
         else:
-            by_kind[_host_op_kind(e["name"], op_name)] += e["dur"]
+            by_kind[_host_op_kind(e["name"], hlo_op)] += e["dur"]
         by_op[op] += e["dur"]
         op_count[op] += 1
         op_kernel.setdefault(op, e["name"][:120] if source == "device" else op_name[-120:])
-        if op_names:
+        if ops:
             region = op_region(op_name)
             by_region[region] += e["dur"]
             if "transpose(jvp(" in op_name:
@@ -194,7 +248,7 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
                      "launches_per_step": op_count[op] / n_steps, "kernel": op_kernel[op]}
                     for op, t in by_op.most_common(top)],
     }
-    if op_names:
+    if ops:
         out["by_region"] = [{"region": r, "ms_per_step": t * per_step, "share": t / total,
                              "backward_ms_per_step": by_region_bwd[r] * per_step}
                             for r, t in by_region.most_common()]
@@ -298,6 +352,8 @@ def main(argv=None) -> int:
     p.add_argument("--hlo", default=None, metavar="HLO.txt.gz",
                    help="with --summarize: the kept HLO (op names and model regions; needed on CPU)")
     args = p.parse_args(argv)
+    if args.hlo and not args.summarize:
+        p.error("--hlo goes with --summarize (a profiling run reads its own executable's HLO)")
     if args.summarize:
         hlo = None
         if args.hlo:
@@ -373,7 +429,7 @@ def main(argv=None) -> int:
             print(f"   traced {prof.get('traced_wall_ms_per_step', float('nan')):.1f} ms/step wall; "
                   f"no device kernels in the trace ({jax.default_backend()})", flush=True)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-           "jax": jax.__version__, "args": vars(args), "batch": batch, "rows": rows}
+           "jax": jax.__version__, "args": vars(args), "batch": batch, "dtype": dtype, "rows": rows}
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.out}/profile.json", flush=True)

@@ -105,28 +105,45 @@ def test_profile_summary_sums_device_kernels_per_step():
     assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.35, "fusion": 0.1, "copy": 0.05})
     assert [o["op"] for o in s["top_ops"]] == ["gemm_fusion_dot_1", "nvjet_sm90_tss", "add.3", "memcpy32_post"]
     assert summarize_trace({"traceEvents": meta[1:2]}, 1) == {"device_kernels": 0}
+    # with the HLO: a command buffer's kernel is found by its fusion's name ('_1' for '.1');
+    # a library kernel (nvjet) has no op and stays unattributed
+    hlo = ('  %gemm_fusion_dot.1 = f32[8]{0} fusion(%a), kind=kCustom, calls=%c, '
+           'metadata={op_name="jit(step_fn)/jvp(TransformerLM)/layers_0/pos_ff/CoreNet_0/dot_general"}\n'
+           '  %add.3 = f32[8]{0} add(%a, %b), metadata={op_name="jit(step_fn)/jvp(TransformerLM)/crit.nll/add"}')
+    s = summarize_trace({"traceEvents": events}, n_steps=2, hlo_text=hlo)
+    assert s["source"] == "device" and s["kernel_ms_per_step"] == pytest.approx(0.5)
+    assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(
+        {"FFN": 0.2, "unattributed": 0.2, "output layer + loss": 0.1})
 
 
 def test_profile_summary_of_a_cpu_trace_by_op_kind_and_model_region():
-    """Without device kernels (XLA:CPU) the host events named by an HLO instruction are the ops;
-    each is attributed to a model region by its op_name scope, backward by transpose(jvp(...))."""
+    """Without device kernels (XLA:CPU) the host events named by an HLO instruction are the ops
+    (not the containers: while/conditional/call); each is attributed to a model region by its
+    op_name scope, backward by transpose(jvp(...)); a fusion of a dot is a matmul."""
     from benchmarks.profile_step import op_region, summarize_trace
     hlo = "\n".join([
+        '%fused_computation.1 (param_0: f32[8,8], param_1: f32[8,64]) -> f32[8,64] {',
+        '  %param_0 = f32[8,8]{1,0} parameter(0)',
+        '  %param_1 = f32[8,64]{1,0} parameter(1)',
+        '  ROOT %dot.9 = f32[8,64]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}',
+        '}',
         'ENTRY %main {',
-        '  %ynn_fusion.1 = f32[8,64]{1,0} fusion(%a, %b), kind=kCustom, calls=%c1, '
+        '  %ynn_fusion.1 = f32[8,64]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1, '
         'metadata={op_name="jit(step_fn)/jvp(TransformerLM)/layers_0/lookahead/bphd,bwhd->bhpw/dot_general"}',
         '  %copy_pad_fusion = f32[8,64]{1,0} fusion(%a), kind=kLoop, calls=%c2, '
         'metadata={op_name="jit(step_fn)/transpose(jvp(TransformerLM))/layers_0/lookahead/pad"}',
         '  %dot.3 = f32[8,8]{1,0} dot(%a, %b), metadata={op_name="jit(step_fn)/jvp(TransformerLM)/layers_1/pos_ff/CoreNet_0/dot_general"}',
+        '  %while.5 = (s32[], u32[1]{0}, /*index=2*/u32[4]{0}) while(%t), condition=%c, body=%b',
         '  ROOT %add.4 = f32[8]{0} add(%a, %b), metadata={op_name="jit(step_fn)/add"}',
         '}'])
     events = [{"ph": "X", "pid": 5, "tid": t, "ts": ts, "dur": dur, "name": name}
               for name, t, ts, dur in [("ynn_fusion.1", 1, 0, 300), ("copy_pad_fusion", 2, 100, 400),
                                        ("dot.3", 1, 600, 200), ("add.4", 1, 900, 100),
+                                       ("while.5", 2, 600, 300),  # a container: its ops are traced too
                                        ("ThunkExecutor::Execute", 1, 0, 2000)]]
     assert summarize_trace({"traceEvents": events}, 2) == {"device_kernels": 0}  # no HLO: no ops
     s = summarize_trace({"traceEvents": events}, n_steps=2, hlo_text=hlo)
-    assert s["source"] == "host ops (XLA:CPU)" and s["kernels_per_step"] == 2  # the executor left out
+    assert s["source"] == "host ops (XLA:CPU)" and s["kernels_per_step"] == 2  # executor, while left out
     assert s["kernel_ms_per_step"] == pytest.approx(1e-3 * 1000 / 2)
     assert s["busy_ms_per_step"] == pytest.approx(1e-3 * 800 / 2)  # [0, 500) + [600, 800) + [900, 1000)
     assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.25, "copy": 0.2, "fusion": 0.05})
