@@ -47,8 +47,8 @@ import jax
 import numpy as np
 
 import kernels
-from benchmarks.throughput import (TrainTimer, base_config, load_config_file, parse_overrides,
-                                   time_interleaved)
+from benchmarks.throughput import (ORIGINAL_CONFIG, TrainTimer, base_config, load_config_file,
+                                   parse_overrides, time_interleaved)
 from lamemo_jax.flops import device_peak_flops, train_step_flops
 
 # kernel-name fragments -> kind (first match wins; names are lower-cased)
@@ -290,10 +290,6 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
     return trace_calls(call, n_steps, keep, hlo_text=timer.step.as_text())
 
 
-# benchmarks.throughput's default model (the original code's comparison config), for --config=None
-CPU_BENCHMARK_MODEL = dict(n_token=1000, n_layer=2, d_model=128, n_head=4, d_head=32, d_inner=512,
-                           tgt_len=64)
-
 SWITCHES = {"batched_positions": kernels.BATCHED_POSITIONS, "one_pass_softmax": kernels.ONE_PASS_SOFTMAX}
 
 
@@ -368,11 +364,12 @@ def main(argv=None) -> int:
         exp_model, batch = exp.model, args.batch or exp.train.batch_size
         dtype = args.dtype or "bfloat16"
         ns = argparse.Namespace(config=args.config, dtype=dtype, set=[])
-    else:  # benchmarks.throughput's CPU config (its argparse defaults)
-        dtype = args.dtype or "float32"
-        ns = argparse.Namespace(config=None, dtype=dtype, set=[], **CPU_BENCHMARK_MODEL)
+    else:  # benchmarks.throughput's CPU config, the original code's (ORIGINAL_CONFIG)
+        dtype = args.dtype or ORIGINAL_CONFIG["dtype"]
+        model = {k: v for k, v in ORIGINAL_CONFIG.items() if k not in ("batch", "dtype")}
+        ns = argparse.Namespace(config=None, dtype=dtype, set=[], **model)
         exp_model = base_config(ns, "lamemo", 64, args.attention_impl)
-        batch = args.batch or 8
+        batch = args.batch or ORIGINAL_CONFIG["batch"]
     specs = args.variant or ["default:"]
     try:
         variants = []

@@ -307,12 +307,8 @@ def softmax_cross_entropy_chunked(x, w, b, targets, chunk: int):
 
 def _logits(x, w, b):
     """x [..., d] @ w[V, d]^T + b in the stat dtype (float32, or float64 for float64 inputs)."""
-    sdt = _stat_dtype(x)
+    sdt = stat_dtype(x.dtype)
     return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=sdt) + b.astype(sdt)
-
-
-def _stat_dtype(x):
-    return stat_dtype(x.dtype)
 
 
 def _chunked(chunk: int, *arrays):
@@ -342,7 +338,7 @@ def _fwd(chunk, x, w, b, targets):
 def _bwd(chunk, res, g):
     x, w, b, targets, lse = res
     t = x.shape[0]
-    sdt = _stat_dtype(x)
+    sdt = stat_dtype(x.dtype)
 
     def body(carry, args):
         dw, db = carry
