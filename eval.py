@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lamemo_jax import cli
+from lamemo_jax.host import tune_cpu_host
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (for --torch_checkpoint: "
                                           "its data and eval sections).", lock_config=True)
@@ -42,6 +43,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    tune_cpu_host()  # XLA:CPU steps without page faults (lamemo_jax.host); before any computation
     cli.setup_logging()
     from lamemo_jax.evaluate_cli import run
     result = cli.run_reporting_errors(lambda: run(

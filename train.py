@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lamemo_jax import cli
+from lamemo_jax.host import tune_cpu_host
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -33,6 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    tune_cpu_host()  # XLA:CPU steps without page faults (lamemo_jax.host); before any computation
     from lamemo_jax.sharding import initialize_distributed
     cli.run_reporting_errors(lambda: initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO_DISTRIBUTED.value))

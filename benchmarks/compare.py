@@ -24,6 +24,7 @@ import numpy as np
 from lamemo_jax import data as data_lib
 from lamemo_jax.analysis import attention_by_distance
 from lamemo_jax.evaluate import evaluate_tokens, stream_matrix
+from lamemo_jax.host import tune_cpu_host
 from lamemo_jax.metrics import plot_loss_curves, plot_xy, read_metrics, unit_metrics
 from lamemo_jax.trainer import load_run, train_and_evaluate
 
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep_tokens", type=int, default=32768, help="test tokens used by the memory sweep")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
+    tune_cpu_host()  # before the first computation (lamemo_jax.host)
     seeds = [int(s) for s in args.seeds.split(",")]
     mem_lens = [int(m) for m in args.mem_lens.split(",")]
     root = os.path.join(args.out, args.dataset)

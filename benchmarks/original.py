@@ -35,6 +35,7 @@ import numpy as np
 
 from benchmarks.throughput import ORIGINAL_CONFIG, TrainTimer, run_rounds
 from lamemo_jax import ModelConfig
+from lamemo_jax.host import tune_cpu_host
 
 # the step of benchmarks.throughput (its ORIGINAL_CONFIG; dropout 0.1, Adam 2.5e-4, clip 0.25)
 C = ORIGINAL_CONFIG
@@ -44,6 +45,11 @@ DROPOUT, LR, CLIP = 0.1, 2.5e-4, 0.25
 ATTN_TYPE = {"lamemo": 3, "xl": 0}
 
 
+# the training-infrastructure modules the checkout's utils/__init__.py imports; a copy without them
+# (e.g. only the files the model needs) gets empty stand-ins, since mem_transformer.py uses none
+UTILS_TRAINING_MODULES = ("distributed", "exp_utils_ddp")
+
+
 class MissingOriginal(Exception):
     """torch or the original code cannot be loaded; the message says which and how to fix it."""
 
@@ -51,10 +57,12 @@ class MissingOriginal(Exception):
 def load_original(original_dir: str):
     """The original ``mem_transformer`` module from a checkout's ``pytorch`` folder.
 
-    Two things of the unmodified checkout do not import on a CPU-only torch, and are bridged here
+    Three things of a checkout do not import on a CPU-only torch, and are bridged here
     without touching the checkout: ``log_uniform_sampler`` (imported by ``mem_transformer.py`` but
     absent from the repository; used only with sample_softmax > 0, never here) gets a stub that
-    raises if called, and ``utils/proj_adaptive_softmax.py``, which parses ``torch.version.cuda``
+    raises if called; ``utils/__init__.py`` imports ``distributed`` and ``exp_utils_ddp``, which
+    the model does not use: where a copy lacks them they are empty modules; and
+    ``utils/proj_adaptive_softmax.py``, which parses ``torch.version.cuda``
     at import (None on a CPU build), sees "0.0" during the import (it only keeps the numbers).
     """
     try:
@@ -75,6 +83,9 @@ def load_original(original_dir: str):
         stub = types.ModuleType("log_uniform_sampler")
         stub.LogUniformSampler = stub.sample_logits = unavailable
         sys.modules["log_uniform_sampler"] = stub
+    for name in UTILS_TRAINING_MODULES:  # imported by utils/__init__.py, unused by the model
+        if not os.path.isfile(os.path.join(original_dir, "utils", f"{name}.py")):
+            sys.modules.setdefault(f"utils.{name}", types.ModuleType(f"utils.{name}"))
     cuda = torch.version.cuda
     torch.version.cuda = cuda or "0.0"
     try:
@@ -146,6 +157,7 @@ def main(argv=None) -> int:
                         "JAX_NUM_CPU_DEVICES=2 on the 2-core CPU: one device per core)")
     p.add_argument("--out", default="", help="folder for original.json (none: print only)")
     args = p.parse_args(argv)
+    tune_cpu_host()  # before the first computation (lamemo_jax.host)
     try:
         mem_lens = [int(v) for v in args.mem_lens.split(",")]
         memories = args.memories.split(",")
@@ -190,7 +202,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                "ours_devices": 1 if mesh is None else mesh.size,
+                "ours_devices": 1 if mesh is None else mesh.size, "host_tuning": tune_cpu_host(),
                 "steps": args.steps, "batch": BATCH, "tgt_len": TGT_LEN,
                 "date": time.strftime("%Y-%m-%d")}
         import jax

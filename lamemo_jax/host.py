@@ -1,0 +1,87 @@
+"""Process settings that keep XLA:CPU steps from page-faulting their memory in again every step.
+
+XLA:CPU allocates an execution's temporaries and outputs anew each time it runs. glibc's malloc
+serves a block above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap`` and gives
+it back to the kernel on ``free``; a block above 64 MiB requested from a worker thread (the heap
+limit of a thread's arena) always gets its own ``mmap``. So a step whose temporaries cross those
+sizes touches fresh pages every time: at the 2-layer benchmark config (benchmarks.throughput) the
+LaMemo training step took 9.6k minor page faults and 17 ms of system time per 42 ms step at
+mem_len 64, 42k faults and 65-70 ms per step at mem_len 512; Transformer-XL's smaller
+temporaries stayed under the threshold at mem_len 64 / 128 (no faults).
+
+``tune_cpu_host()`` does two things, both for the whole process:
+
+* ``mallopt(M_MMAP_THRESHOLD, 1 GiB)`` and ``mallopt(M_TRIM_THRESHOLD, 2 GiB)`` (glibc only):
+  blocks up to 1 GiB come from the heap, and freed memory stays there for the next step. The
+  cost: the process keeps its peak heap instead of returning it to the system.
+* ``jax_cpu_enable_async_dispatch = False`` (only possible before the CPU backend is created):
+  single-device CPU computations run on the calling thread, whose arena (the main one) has no
+  64 MiB limit, instead of a worker thread. Python then waits for each CPU step to finish before
+  it goes on; on these 2-core machines the host work it could have overlapped shares the same
+  cores anyway. It does not change GPU/TPU computations or multi-device CPU ones.
+
+Measured (benchmarks.throughput's config, one process per setting, 20 steps):
+mem_len 64 / 128 / 512, LaMemo 42.2 / 91.7 / 195.8 ms -> 32.2 / 47.2 / 154.8 ms per step, no page
+faults left; XL 21.9 / 26.2 / 66.5 -> 21.9 / 25.2 / 51.2 ms. Either setting alone was not enough
+(malloc alone: still 42k faults per LaMemo step at mem_len 512; inline dispatch alone: 9.6k at
+mem_len 64). Sending every thread to the main arena (``M_ARENA_MAX`` = 1) instead of inline
+dispatch also removed the faults but slowed every other step by 10-15% (lock contention).
+
+The entry points (train.py, eval.py, the benchmarks) call it first thing;
+``LAMEMO_TUNE_CPU_HOST=0`` in the environment turns it off. A library user calls it, before the
+first JAX computation, where the same applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 30
+TRIM_THRESHOLD_BYTES = 2 << 30
+ENV_SWITCH = "LAMEMO_TUNE_CPU_HOST"
+
+_DONE: dict = {}
+
+
+def tune_cpu_host() -> dict:
+    """Applies the settings above once per process; returns what was applied:
+    {"malloc": "glibc mallopt" | reason it was not, "inline_cpu_dispatch": True | reason}."""
+    if _DONE:
+        return dict(_DONE)
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        _DONE.update(malloc=f"off ({ENV_SWITCH}=0)", inline_cpu_dispatch=f"off ({ENV_SWITCH}=0)")
+        return dict(_DONE)
+    _DONE["malloc"] = _keep_freed_memory()
+    _DONE["inline_cpu_dispatch"] = _inline_cpu_dispatch()
+    logging.debug("tune_cpu_host: %s", _DONE)
+    return dict(_DONE)
+
+
+def _keep_freed_memory():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as e:
+        return f"libc.so.6 not loadable: {e}"
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    ok = (libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1) and ok
+    return "glibc mallopt" if ok else "glibc mallopt refused a value"
+
+
+def _inline_cpu_dispatch():
+    import jax
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # a jax without it: the flag is then read whenever the CPU client is made
+        backends_are_initialized = lambda: False
+    if backends_are_initialized():
+        return "backends already created: asynchronous CPU dispatch kept"
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
