@@ -16,9 +16,11 @@ def setup_logging():
 
 
 def log_devices():
-    logging.info("JAX %s: process %d of %d, %d local device(s) %s, backend %s", jax.__version__,
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 [d.device_kind for d in jax.local_devices()], jax.default_backend())
+    from lamemo_jax import host
+    logging.info("JAX %s: process %d of %d, %d local device(s) %s, backend %s; host settings %s",
+                 jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 [d.device_kind for d in jax.local_devices()], jax.default_backend(),
+                 host.applied() or "none")
 
 
 def run_reporting_errors(fn: Callable):

@@ -63,6 +63,11 @@ def tune_cpu_host() -> dict:
     return dict(_DONE)
 
 
+def applied() -> dict:
+    """What ``tune_cpu_host()`` applied in this process ({} if it was not called)."""
+    return dict(_DONE)
+
+
 def _keep_freed_memory():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
