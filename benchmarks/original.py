@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks.throughput import ORIGINAL_CONFIG, TrainTimer, run_rounds
 from lamemo_jax import ModelConfig
-from lamemo_jax.host import tune_cpu_host
+from lamemo_jax.host import applied as host_settings, tune_cpu_host
 
 # the step of benchmarks.throughput (its ORIGINAL_CONFIG; dropout 0.1, Adam 2.5e-4, clip 0.25)
 C = ORIGINAL_CONFIG
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                "ours_devices": 1 if mesh is None else mesh.size, "host_tuning": tune_cpu_host(),
+                "ours_devices": 1 if mesh is None else mesh.size, "host_tuning": host_settings(),
                 "steps": args.steps, "batch": BATCH, "tgt_len": TGT_LEN,
                 "date": time.strftime("%Y-%m-%d")}
         import jax

@@ -50,7 +50,7 @@ import kernels
 from benchmarks.throughput import (ORIGINAL_CONFIG, TrainTimer, base_config, load_config_file,
                                    parse_overrides, time_interleaved)
 from lamemo_jax.flops import device_peak_flops, train_step_flops
-from lamemo_jax.host import tune_cpu_host
+from lamemo_jax.host import applied as host_settings, tune_cpu_host
 
 # kernel-name fragments -> kind (first match wins; names are lower-cased)
 KINDS = (
@@ -428,7 +428,8 @@ def main(argv=None) -> int:
             print(f"   traced {prof.get('traced_wall_ms_per_step', float('nan')):.1f} ms/step wall; "
                   f"no device kernels in the trace ({jax.default_backend()})", flush=True)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-           "jax": jax.__version__, "host_tuning": tune_cpu_host(), "args": vars(args), "batch": batch, "dtype": dtype, "rows": rows}
+           "jax": jax.__version__, "host_tuning": host_settings(), "args": vars(args), "batch": batch,
+           "dtype": dtype, "rows": rows}
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.out}/profile.json", flush=True)

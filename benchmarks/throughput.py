@@ -46,7 +46,7 @@ from lamemo_jax.api import _score_jit
 from lamemo_jax import sharding as shard_lib
 from lamemo_jax.experiment import MeshConfig, TrainConfig
 from lamemo_jax.flops import device_peak_flops, forward_flops, train_step_flops
-from lamemo_jax.host import tune_cpu_host
+from lamemo_jax.host import applied as host_settings, tune_cpu_host
 from lamemo_jax.trainer import (init_sharded_train_state, init_train_state, make_optimizer,
                                 make_train_step)
 
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     for c in checks:
         print(("PASS " if c["ok"] else "FAIL ") + json.dumps(c), flush=True)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "args": vars(args),
-           "host_tuning": tune_cpu_host(), "rows": rows, "checks": checks,
+           "host_tuning": host_settings(), "rows": rows, "checks": checks,
            "original_pytorch_ms": {"lamemo": ORIGINAL_LAMEMO_MS, "xl": ORIGINAL_XL_MS}}
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
         json.dump(out, f, indent=2)

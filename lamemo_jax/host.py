@@ -54,13 +54,23 @@ def tune_cpu_host() -> dict:
     {"malloc": "glibc mallopt" | reason it was not, "inline_cpu_dispatch": True | reason}."""
     if _DONE:
         return dict(_DONE)
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not _switched_on():
         _DONE.update(malloc=f"off ({ENV_SWITCH}=0)", inline_cpu_dispatch=f"off ({ENV_SWITCH}=0)")
         return dict(_DONE)
     _DONE["malloc"] = _keep_freed_memory()
     _DONE["inline_cpu_dispatch"] = _inline_cpu_dispatch()
     logging.debug("tune_cpu_host: %s", _DONE)
     return dict(_DONE)
+
+
+def _switched_on() -> bool:
+    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r}: use 1 (tune the CPU host, the "
+                     "default) or 0 (leave malloc and JAX's CPU dispatch as they are)")
 
 
 def applied() -> dict:

@@ -67,7 +67,7 @@ def test_tuned_cpu_step_takes_no_page_faults_and_untuned_one_does_with_the_same_
     assert tuned["state_sha256"] == off["state_sha256"]
 
 
-def test_tune_cpu_host_is_applied_once_and_keeps_an_existing_backend(monkeypatch):
+def test_tune_cpu_host_is_applied_once_keeps_an_existing_backend_and_names_a_bad_switch(monkeypatch):
     # once the CPU backend exists (as in this test process) dispatch stays asynchronous, said so
     jax.devices()
     monkeypatch.setattr(host, "_DONE", {})
@@ -79,3 +79,7 @@ def test_tune_cpu_host_is_applied_once_and_keeps_an_existing_backend(monkeypatch
     monkeypatch.setenv(host.ENV_SWITCH, "0")
     assert host.tune_cpu_host() == {"malloc": f"off ({host.ENV_SWITCH}=0)",
                                     "inline_cpu_dispatch": f"off ({host.ENV_SWITCH}=0)"}
+    monkeypatch.setattr(host, "_DONE", {})
+    monkeypatch.setenv(host.ENV_SWITCH, "maybe")
+    with pytest.raises(ValueError, match="LAMEMO_TUNE_CPU_HOST='maybe'"):
+        host.tune_cpu_host()
