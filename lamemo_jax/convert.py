@@ -170,8 +170,9 @@ def from_torch(config: Mapping[str, Any], state_dict: Mapping[str, Any]):
                 raise ConversionError(f"state_dict[{key!r}] should be tied to {twin!r} but differs")
             used.add(key)
     if "pos_emb.inv_freq" in sd:
-        # A few float32 ulps of slack: numpy versions round the float32 power differently (seen:
-        # numpy 2.5 vs 2.4 differ by one ulp); a different formula is off by far more.
+        # A few float32 ulps of slack: the original's float32 power is torch's, whose last bit
+        # depends on the CPU (model.inv_freq rounds each step correctly; it matches every fixture's
+        # buffer exactly); a different formula is off by far more.
         if not np.allclose(sd["pos_emb.inv_freq"], inv_freq(cfg.d_model),
                            rtol=8 * float(np.finfo(np.float32).eps), atol=0):
             raise ConversionError("state_dict['pos_emb.inv_freq'] differs from 1/10000^(2k/d_model) "

@@ -31,9 +31,18 @@ Array = jax.Array
 
 
 def inv_freq(d_model: int) -> np.ndarray:
-    """Sinusoid frequencies 1/10000^(2k/d), computed in float32 exactly as the original buffer."""
-    return (1.0 / (10000 ** (np.arange(0.0, d_model, 2.0, dtype=np.float32) / np.float32(d_model)))
-            ).astype(np.float32)
+    """Sinusoid frequencies 1/10000^(2k/d) as the original's float32 buffer, the same on every CPU.
+
+    The exponent 2k/d in float32, 10000^e rounded once to float32 (libm's double ``pow``), then
+    its float32 reciprocal: the original's float32 steps, each correctly rounded. This reproduces
+    the ``pos_emb.inv_freq`` buffer of every torch-reference fixture bit for bit. numpy's float32
+    ``power`` does not: its last bit depends on the CPU's SIMD path (on an AVX-512 CPU 3 of the 12
+    frequencies at d_model 24 were one ulp off, which moved the float64 fixtures' NLL by 8e-10, and
+    9 of 64 at d_model 128) and on the numpy version.
+    """
+    e = np.arange(0.0, d_model, 2.0, dtype=np.float32) / np.float32(d_model)
+    power = np.array([math.pow(10000.0, float(x)) for x in e], dtype=np.float64).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def sinusoid(pos: Array, d_model: int, dtype) -> Array:
