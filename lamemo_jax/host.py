@@ -11,9 +11,9 @@ temporaries stayed under the threshold at mem_len 64 / 128 (no faults).
 
 ``tune_cpu_host()`` does two things, both for the whole process:
 
-* ``mallopt(M_MMAP_THRESHOLD, 1 GiB)`` and ``mallopt(M_TRIM_THRESHOLD, 2 GiB)`` (glibc only):
-  blocks up to 1 GiB come from the heap, and freed memory stays there for the next step. The
-  cost: the process keeps its peak heap instead of returning it to the system.
+* ``mallopt(M_MMAP_THRESHOLD, 1 GiB)`` and ``mallopt(M_TRIM_THRESHOLD, INT_MAX ~ 2 GiB)``
+  (glibc only): blocks up to 1 GiB come from the heap, and freed memory stays there for the
+  next step. The cost: the process keeps its peak heap instead of returning it to the system.
 * ``jax_cpu_enable_async_dispatch = False`` (only possible before the CPU backend is created):
   single-device CPU computations run on the calling thread, whose arena (the main one) has no
   64 MiB limit, instead of a worker thread. Python then waits for each CPU step to finish before
@@ -43,7 +43,7 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 30
-TRIM_THRESHOLD_BYTES = 2 << 30
+TRIM_THRESHOLD_BYTES = (1 << 31) - 1  # mallopt takes a C int: INT_MAX, about 2 GiB
 ENV_SWITCH = "LAMEMO_TUNE_CPU_HOST"
 
 _DONE: dict = {}
@@ -85,6 +85,8 @@ def _keep_freed_memory():
         libc = ctypes.CDLL("libc.so.6")
     except OSError as e:
         return f"libc.so.6 not loadable: {e}"
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     ok = (libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1) and ok
     return "glibc mallopt" if ok else "glibc mallopt refused a value"
