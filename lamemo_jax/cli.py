@@ -8,6 +8,8 @@ from typing import Callable
 
 import jax
 
+from lamemo_jax import host
+
 
 def setup_logging():
     logging.getLogger().setLevel(logging.INFO)
@@ -16,7 +18,6 @@ def setup_logging():
 
 
 def log_devices():
-    from lamemo_jax import host
     logging.info("JAX %s: process %d of %d, %d local device(s) %s, backend %s; host settings %s",
                  jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
                  [d.device_kind for d in jax.local_devices()], jax.default_backend(),

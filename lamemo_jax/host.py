@@ -25,7 +25,8 @@ mem_len 64 / 128 / 512, LaMemo 42.2 / 91.7 / 195.8 ms -> 32.2 / 47.2 / 154.8 ms 
 faults left; XL 21.9 / 26.2 / 66.5 -> 21.9 / 25.2 / 51.2 ms. Either setting alone was not enough
 (malloc alone: still 42k faults per LaMemo step at mem_len 512; inline dispatch alone: 9.6k at
 mem_len 64). Sending every thread to the main arena (``M_ARENA_MAX`` = 1) instead of inline
-dispatch also removed the faults but slowed every other step by 10-15% (lock contention).
+dispatch also removed the faults but slowed the steps by 4-32% (two runs against the malloc
+setting alone, separate processes; probably contention on the one arena's lock).
 
 The entry points (train.py, eval.py, the benchmarks) call it first thing;
 ``LAMEMO_TUNE_CPU_HOST=0`` in the environment turns it off. A library user calls it, before the
