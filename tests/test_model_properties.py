@@ -185,6 +185,37 @@ def test_dropout_masks_differ_per_segment_and_step():
     np.testing.assert_allclose(ev[0, 0], ev[0, 1], rtol=0, atol=1e-6)  # eval: no dropout
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_dropout_is_x_times_mask_over_keep_rounded_once(dtype):
+    """dropout(x) = x * (mask / (1 - p)) as the original's CPU dropout computes it: the factor is
+    1 / (1 - p) rounded once in the compute dtype (float32 for bf16 and float32), the product
+    rounded once to x's dtype, the mask jax.random.bernoulli of the module's dropout stream.
+    In bf16 the factor is never 1 / bf16(0.9) = 1/0.8984375, a +0.17% bias on every kept value.
+    Different keys give different masks with the expected keep rate."""
+    import flax.linen as nn
+    from lamemo_jax.model import dropout
+
+    class Drop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return dropout(self, x, 0.1, True)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 96)) * 3, dtype)  # no exact zeros
+    y = np.asarray(Drop().apply({}, x, rngs={"dropout": jax.random.key(5)}).astype(jnp.float64))
+    keep = y != 0  # (the mask itself is jax.random.bernoulli bit for bit: tests/test_prng.py)
+    cdt = np.float64 if dtype == "float64" else np.float32
+    factor = cdt(1.0) / cdt(0.9)
+    x64 = np.asarray(x.astype(jnp.float64))
+    want = np.asarray(jnp.asarray(x64.astype(cdt) * factor).astype(dtype).astype(jnp.float64))
+    np.testing.assert_array_equal(y[keep], want[keep])
+    assert 0.85 < keep.mean() < 0.95
+    other = np.asarray(Drop().apply({}, x, rngs={"dropout": jax.random.key(6)}).astype(jnp.float64))
+    assert ((other != 0) != keep).mean() > 0.1
+    if dtype == "bfloat16":  # unbiased: kept values within half a bf16 ulp of x / 0.9
+        rel = (y[keep] - x64[keep] / 0.9) / (x64[keep] / 0.9)
+        assert np.abs(rel).max() <= 2.0 ** -8 and abs(rel.mean()) < 3e-4  # 1/bf16(0.9): 1.7e-3
+
+
 def test_lookahead_never_builds_an_M_by_M_tensor():
     """Every intermediate of a LaMemo segment with M=256, N=8 is O(M*min(M,N)), never M x M."""
     m, n = 256, 8
