@@ -21,7 +21,8 @@ An axis that does not divide the batch (or the heads) is left out (replicated), 
 
 The references' GPU forms (``BATCHED_POSITIONS``, ``ONE_PASS_SOFTMAX``; ``kernels/softmax.py``'s
 ``BackendSwitch``): the same values in another form, on by default on a GPU only; see
-docs/kernels.md.
+docs/kernels.md. Its CPU form: ``NARROW_BAND`` (the look-ahead's position band in 16-row blocks),
+on by default on a CPU only.
 
 Attention dropout: the kernels do not implement ``dropatt``. A call with ``dropatt > 0`` and a
 ``dropout_rng`` (training with attention dropout) falls back to the reference whatever ``impl``
@@ -38,7 +39,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from kernels._relpos_flash import BlockSizes
-from kernels.lookahead import lookahead_pallas, lookahead_reference
+from kernels.lookahead import NARROW_BAND, forced_narrow_band, lookahead_pallas, lookahead_reference
 from kernels.rel_attention import (BATCHED_POSITIONS, forced_batched_positions, rel_attention_pallas,
                                    rel_attention_reference, set_batched_positions)
 from kernels.softmax import ONE_PASS as ONE_PASS_SOFTMAX
@@ -49,7 +50,7 @@ ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 __all__ = ["BlockSizes", "IMPLS", "KernelUnavailableError", "Partition", "lookahead", "lookahead_pallas",
            "lookahead_reference", "rel_attention", "rel_attention_pallas",
            "rel_attention_reference", "resolve_impl", "BATCHED_POSITIONS", "ONE_PASS_SOFTMAX",
-           "forced_batched_positions", "set_batched_positions"]
+           "forced_batched_positions", "set_batched_positions", "NARROW_BAND", "forced_narrow_band"]
 
 
 class KernelUnavailableError(RuntimeError):

@@ -19,9 +19,10 @@ whatever M is. For memory row p and window key w (row c = Mb-W+1+w), with delta 
 C and Z are constants (the caller passes them stop-gradient'ed; gradient flows through b and
 through alpha via z). ``eps`` = 1e-6 is the original's and is added after the max-subtraction.
 
-Cost: the position term is computed by blocks of W rows against the 2W-1 distances each block
-needs, then shifted: O(Mb * W) scores and O(Mb * W * D) FLOPs per head; no Mb x Mb score or
-position tensor is ever built (the reference's largest temporary is [B, H, Mb, 2W-1]).
+Cost: the position term is computed by blocks of R rows (16 on CPU, W elsewhere: ``NARROW_BAND``)
+against the R + W - 1 distances each block needs, then shifted: O(Mb * W) scores and
+O(Mb * W * D) FLOPs per head; no Mb x Mb score or position tensor is ever built (the reference's
+largest temporary is [B, H, Mb, R + W - 1]).
 """
 
 from __future__ import annotations
@@ -38,39 +39,63 @@ from jax.experimental import pallas as pl
 from kernels import _relpos_flash as flash
 from kernels._relpos_flash import BlockSizes
 from kernels.rel_attention import batched_position_product, batched_positions, rel_shift_past
-from kernels.softmax import softmax_lse, stat_dtype
+from kernels.softmax import BackendSwitch, softmax_lse, stat_dtype
 
 Array = jax.Array
 
 LOOKAHEAD_EPS = 1e-6
 
 
-def band_position_scores(qv_BMHD: Array, r_THD: Array, r_offset: int, window: int) -> Array:
+NARROW_BAND = BackendSwitch("narrow_band", ("cpu",))
+"""The look-ahead's position band in blocks of ``NARROW_BAND_ROWS`` memory rows (on) or of W rows
+(off). A block of R rows needs the R + W - 1 distances it spans, so 16-row blocks compute and shift
+16 + W - 1 instead of 2W - 1 scores per row (79 instead of 127 at W = 64): on the 2-core CPU the
+look-ahead's forward + backward took 21-26% less time at mem_len 256 / 512 and the training step
+up to ~10% less (docs/benchmarks.md). On by default on CPU only: the GPU's recorded XLA programs
+keep W-row blocks until the narrow band is measured there."""
+NARROW_BAND_ROWS = 16
+narrow_band = NARROW_BAND
+set_narrow_band = NARROW_BAND.set
+forced_narrow_band = NARROW_BAND.forced
+
+
+def band_block_rows(window: int) -> int:
+    """Memory rows per block of the look-ahead's position band (see ``NARROW_BAND``)."""
+    return min(NARROW_BAND_ROWS, window) if NARROW_BAND() else window
+
+
+def band_position_scores(qv_BMHD: Array, r_THD: Array, r_offset: int, window: int,
+                         block_rows: Optional[int] = None) -> Array:
     """pos[b, h, p, w] = qv[b, p, h] . r[clip(delta + r_offset)], delta = Mb - W + 1 + w - p.
 
-    Computed per block of W rows against the 2W-1 distances the block spans: O(Mb * W).
-    Returns [B, H, Mb, W] in the stat dtype.
+    Computed per block of R = ``block_rows`` rows (default ``band_block_rows(W)``) against the
+    R + W - 1 distances the block spans: O(Mb * (R + W)). Returns [B, H, Mb, W] in the stat dtype.
     """
     b, mb, h, d = qv_BMHD.shape
     w = window
-    nb = -(-mb // w)
-    mp = nb * w
+    rows = band_block_rows(w) if block_rows is None else block_rows
+    if not 1 <= rows:
+        raise ValueError(f"band_position_scores: block_rows must be >= 1, got {rows}")
+    rows = min(rows, mb)
+    nb = -(-mb // rows)
+    mp = nb * rows
     pad = mp - mb
     sdt = stat_dtype(qv_BMHD.dtype)
-    qv = jnp.pad(qv_BMHD, ((0, 0), (pad, 0), (0, 0), (0, 0))).reshape(b, nb, w, h, d)
-    # block n, local row i (padded row n*W+i, p = n*W+i-pad); local distance e = w - i + W - 1.
+    qv = jnp.pad(qv_BMHD, ((0, 0), (pad, 0), (0, 0), (0, 0))).reshape(b, nb, rows, h, d)
+    # block n, local row i (padded row n*R+i, p = n*R+i-pad), key w: local distance
+    # e = w - i + R - 1 in [0, R + W - 2], delta = Mb - W + 1 + w - p = Mp - W + 2 - (n+1)*R + e
     blk = np.arange(nb)[:, None]
-    e = np.arange(2 * w - 1)[None, :]
-    delta = mp - blk * w - 2 * w + 2 + e
+    e = np.arange(rows + w - 1)[None, :]
+    delta = mp - w + 2 - (blk + 1) * rows + e
     idx = np.clip(delta + r_offset, 0, r_THD.shape[0] - 1)
-    r_blk = r_THD[idx]  # [nb, 2W-1, H, D]
-    # out[i, w] = s[i, W-1-i+w]: the Transformer-XL shift with N = W, K = 2W-1 (w <= W-1+i always)
+    r_blk = r_THD[idx]  # [nb, R+W-1, H, D]
+    # out[i, w] = s[i, R-1-i+w]: the Transformer-XL shift with N = R, K = R+W-1 (w <= W-1+i always)
     if batched_positions():  # r broadcast over the batch (see kernels.rel_attention)
         s = batched_position_product("bnihd,bnehd->bhnie", qv, r_blk)
-        s = rel_shift_past(s)[..., :w]  # [B, H, nb, W(i), W(w)]
+        s = rel_shift_past(s)[..., :w]  # [B, H, nb, R(i), W(w)]
     else:
         s = jnp.einsum("bnihd,nehd->bnhie", qv, r_blk, preferred_element_type=sdt)
-        s = rel_shift_past(s)[..., :w]  # [B, nb, H, W(i), W(w)]
+        s = rel_shift_past(s)[..., :w]  # [B, nb, H, R(i), W(w)]
         s = jnp.transpose(s, (0, 2, 1, 3, 4))
     return s.reshape(b, h, mp, w)[:, :, pad:]
 

@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import json
 import math
+import sys
 import os
 from pathlib import Path
 
@@ -466,6 +467,18 @@ def test_batched_positions_bfloat16_position_gradient(kind, case):
     a, b = (np.asarray(x[i], np.float64) for x in (batched, shared))
     ulp = 2.0 ** -7 * np.maximum(np.abs(a), np.abs(b))
     assert np.all(np.abs(a - b) <= ulp), float(np.max(np.abs(a - b) / np.maximum(ulp, 1e-30)))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("case", sorted(LOOK_CASES))
+def test_narrow_band_same_values(case, batched, monkeypatch):
+    """The look-ahead's position band in narrow blocks (the CPU default; 3-row blocks here, so that
+    every case has several, some ragged) equals W-row blocks: outputs and every gradient, in
+    float64, to 1e-12, with either batching of the position product."""
+    monkeypatch.setattr(sys.modules["kernels.lookahead"], "NARROW_BAND_ROWS", 3)
+    with kernels.forced_batched_positions(batched):
+        (wide, narrow), names = _both_forms("lookahead", case, jnp.float64, kernels.NARROW_BAND)
+    _assert_close(narrow, wide, names, 1e-12)
 
 
 @pytest.mark.parametrize("kind,case", [("rel", c) for c in sorted(REL_CASES)]
