@@ -50,8 +50,8 @@ NARROW_BAND = BackendSwitch("narrow_band", ("cpu",))
 """The look-ahead's position band in blocks of ``NARROW_BAND_ROWS`` memory rows (on) or of W rows
 (off). A block of R rows needs the R + W - 1 distances it spans, so 16-row blocks compute and shift
 16 + W - 1 instead of 2W - 1 scores per row (79 instead of 127 at W = 64): on the 2-core CPU the
-look-ahead's forward + backward took 21-26% less time at mem_len 256 / 512 and the training step
-up to ~10% less (docs/benchmarks.md). On by default on CPU only: the GPU's recorded XLA programs
+look-ahead's forward + backward took 26% / 21% less time at mem_len 256 / 512, the training step
+5% / 9% less (docs/benchmarks.md). On by default on CPU only: the GPU's recorded XLA programs
 keep W-row blocks until the narrow band is measured there."""
 NARROW_BAND_ROWS = 16
 narrow_band = NARROW_BAND
