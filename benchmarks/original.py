@@ -33,6 +33,7 @@ import types
 
 import numpy as np
 
+import kernels
 from benchmarks.throughput import ORIGINAL_CONFIG, TrainTimer, run_rounds
 from lamemo_jax import ModelConfig
 from lamemo_jax.host import applied as host_settings, tune_cpu_host
@@ -203,6 +204,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         meta = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                 "ours_devices": 1 if mesh is None else mesh.size, "host_tuning": host_settings(),
+                "reference_forms": kernels.reference_forms(),
                 "steps": args.steps, "batch": BATCH, "tgt_len": TGT_LEN,
                 "date": time.strftime("%Y-%m-%d")}
         import jax

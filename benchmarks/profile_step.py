@@ -293,8 +293,7 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
     return trace_calls(call, n_steps, keep, hlo_text=timer.step.as_text())
 
 
-SWITCHES = {"batched_positions": kernels.BATCHED_POSITIONS, "one_pass_softmax": kernels.ONE_PASS_SOFTMAX,
-            "narrow_band": kernels.NARROW_BAND}
+SWITCHES = kernels.SWITCHES
 
 
 def switch_setup(fields: dict):
@@ -431,7 +430,8 @@ def main(argv=None) -> int:
             print(f"   traced {prof.get('traced_wall_ms_per_step', float('nan')):.1f} ms/step wall; "
                   f"no device kernels in the trace ({jax.default_backend()})", flush=True)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-           "jax": jax.__version__, "host_tuning": host_settings(), "args": vars(args), "batch": batch,
+           "jax": jax.__version__, "host_tuning": host_settings(),
+           "reference_forms": kernels.reference_forms(), "args": vars(args), "batch": batch,
            "dtype": dtype, "rows": rows}
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(out, f, indent=2)

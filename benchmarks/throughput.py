@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels
 from benchmarks.memory import compiled_mb, device_peak_mb
 from lamemo_jax import ModelConfig, init_memory
 from lamemo_jax.api import _score_jit
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
     for c in checks:
         print(("PASS " if c["ok"] else "FAIL ") + json.dumps(c), flush=True)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "args": vars(args),
-           "host_tuning": host_settings(), "rows": rows, "checks": checks,
+           "host_tuning": host_settings(), "reference_forms": kernels.reference_forms(),
+           "rows": rows, "checks": checks,
            "original_pytorch_ms": {"lamemo": ORIGINAL_LAMEMO_MS, "xl": ORIGINAL_XL_MS}}
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
         json.dump(out, f, indent=2)

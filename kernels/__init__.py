@@ -39,18 +39,29 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from kernels._relpos_flash import BlockSizes
-from kernels.lookahead import NARROW_BAND, forced_narrow_band, lookahead_pallas, lookahead_reference
+from kernels.lookahead import (NARROW_BAND, forced_narrow_band, lookahead_pallas, lookahead_reference,
+                               set_narrow_band)
 from kernels.rel_attention import (BATCHED_POSITIONS, forced_batched_positions, rel_attention_pallas,
                                    rel_attention_reference, set_batched_positions)
 from kernels.softmax import ONE_PASS as ONE_PASS_SOFTMAX
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+# the references' by-backend forms (kernels.softmax.BackendSwitch), by the name benchmarks use
+SWITCHES = {"batched_positions": BATCHED_POSITIONS, "one_pass_softmax": ONE_PASS_SOFTMAX,
+            "narrow_band": NARROW_BAND}
+
+
+def reference_forms() -> dict:
+    """{switch name: the form a function traced now gets}, for benchmark records."""
+    return {name: switch() for name, switch in SWITCHES.items()}
+
 ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 __all__ = ["BlockSizes", "IMPLS", "KernelUnavailableError", "Partition", "lookahead", "lookahead_pallas",
            "lookahead_reference", "rel_attention", "rel_attention_pallas",
            "rel_attention_reference", "resolve_impl", "BATCHED_POSITIONS", "ONE_PASS_SOFTMAX",
-           "forced_batched_positions", "set_batched_positions", "NARROW_BAND", "forced_narrow_band"]
+           "forced_batched_positions", "set_batched_positions", "NARROW_BAND", "forced_narrow_band",
+           "set_narrow_band", "SWITCHES", "reference_forms"]
 
 
 class KernelUnavailableError(RuntimeError):

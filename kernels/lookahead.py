@@ -19,10 +19,11 @@ whatever M is. For memory row p and window key w (row c = Mb-W+1+w), with delta 
 C and Z are constants (the caller passes them stop-gradient'ed; gradient flows through b and
 through alpha via z). ``eps`` = 1e-6 is the original's and is added after the max-subtraction.
 
-Cost: the position term is computed by blocks of R rows (16 on CPU, W elsewhere: ``NARROW_BAND``)
-against the R + W - 1 distances each block needs, then shifted: O(Mb * W) scores and
-O(Mb * W * D) FLOPs per head; no Mb x Mb score or position tensor is ever built (the reference's
-largest temporary is [B, H, Mb, R + W - 1]).
+Cost: the position term is computed by blocks of R rows (min(16, W) on CPU, W elsewhere:
+``NARROW_BAND``) against the R + W - 1 distances each block needs, then shifted: O(Mb * W) scores
+and O(Mb * W * D) FLOPs per head; no Mb x Mb score or position tensor is ever built. The largest
+temporaries are the band scores [B, H, Mb, R + W - 1] and the gathered position rows,
+[Mb / R, R + W - 1, H, D] (broadcast over the batch with ``BATCHED_POSITIONS``).
 """
 
 from __future__ import annotations

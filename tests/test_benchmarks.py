@@ -15,6 +15,8 @@ def test_throughput_interleaves_and_records_a_failing_variant(tmp_path):
     out = json.load(open(tmp_path / "throughput.json"))
     rows = {(r["memory"], r["attention_impl"]): r for r in out["rows"]}
     assert set(rows) == {(m, i) for m in ("lamemo", "xl") for i in ("xla", "pallas")}
+    # which forms of the references the run traced (CPU: the narrow band only)
+    assert out["reference_forms"] == {"batched_positions": False, "one_pass_softmax": False, "narrow_band": True}
     for m in ("lamemo", "xl"):
         ok = rows[(m, "xla")]
         assert ok["step_ms"] > 0 and ok["train_flops_per_step"] > 0 and ok["train_step_mb"] > 0

@@ -187,9 +187,9 @@ def test_dropout_masks_differ_per_segment_and_step():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 def test_dropout_is_x_times_mask_over_keep_rounded_once(dtype):
-    """dropout(x) = x * (mask / (1 - p)) as the original's CPU dropout computes it: the factor is
-    1 / (1 - p) rounded once in the compute dtype (float32 for bf16 and float32), the product
-    rounded once to x's dtype, the mask jax.random.bernoulli of the module's dropout stream.
+    """dropout(x) = x * (mask / (1 - p)) as the original's CPU dropout computes it in float32: the
+    factor is 1 / (1 - p) rounded once in the compute dtype (float32 for bf16 and float32), the
+    product rounded to x's dtype, the mask jax.random.bernoulli of the module's dropout stream.
     In bf16 the factor is never 1 / bf16(0.9) = 1/0.8984375, a +0.17% bias on every kept value.
     Different keys give different masks with the expected keep rate."""
     import flax.linen as nn
@@ -216,9 +216,30 @@ def test_dropout_is_x_times_mask_over_keep_rounded_once(dtype):
         assert np.abs(rel).max() <= 2.0 ** -8 and abs(rel.mean()) < 3e-4  # 1/bf16(0.9): 1.7e-3
 
 
-def test_lookahead_never_builds_an_M_by_M_tensor():
-    """Every intermediate of a LaMemo segment with M=256, N=8 is O(M*min(M,N)), never M x M."""
-    m, n = 256, 8
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dropout_gradient_is_the_same_mask_and_saves_only_the_mask(dtype):
+    """d dropout(x) / dx applied to g is g * (mask / (1 - p)) rounded to g's dtype, and the only
+    array the backward keeps of x's size is the boolean mask (not the float32 factor: in bf16
+    that would be twice the activation)."""
+    from lamemo_jax.model import apply_dropout_mask
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(32, 48)), dtype)
+    g = jnp.asarray(rng.normal(size=(32, 48)), dtype)
+    keep = jnp.asarray(rng.random((32, 48)) < 0.9)
+    y, vjp = jax.vjp(lambda x: apply_dropout_mask(x, keep, 0.1), x)
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0].astype(jnp.float32)),
+                                  np.asarray(apply_dropout_mask(g, keep, 0.1).astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0] != 0), np.asarray(keep))
+    saved = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, "shape", None) == x.shape]
+    assert [leaf.dtype for leaf in saved] == [jnp.dtype(bool)]
+
+
+@pytest.mark.parametrize("n", [8, 40])
+def test_lookahead_never_builds_an_M_by_M_tensor(n):
+    """Every intermediate of a LaMemo segment with M=256 is O(M*min(M,N)), never M x M (N = 40:
+    the CPU's narrow band, 16-row blocks of the window)."""
+    m = 256
     cfg = small_cfg(tgt_len=n, mem_len=m, dtype="float32", param_dtype="float32")
     params = jax.eval_shape(lambda: lamemo_jax.init_params(cfg, jax.random.key(0)))
     mem = jax.eval_shape(lambda: lamemo_jax.init_memory(cfg, 2))
