@@ -293,14 +293,11 @@ def trace_steps(timer: TrainTimer, n_steps: int, keep: str | None = None) -> dic
     return trace_calls(call, n_steps, keep, hlo_text=timer.step.as_text())
 
 
-SWITCHES = kernels.SWITCHES
-
-
 def switch_setup(fields: dict):
-    """Pops the switch pseudo-fields (``SWITCHES``) from ``fields``: None when there are none,
+    """Pops the switch pseudo-fields (``kernels.SWITCHES``) from ``fields``: None when there are none,
     else a context manager factory that forces them while the variant's step is traced."""
     forced = {}
-    for name, switch in SWITCHES.items():
+    for name, switch in kernels.SWITCHES.items():
         value = fields.pop(name, None)
         if value is None:
             continue

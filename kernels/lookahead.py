@@ -55,7 +55,6 @@ look-ahead's forward + backward took 26% / 21% less time at mem_len 256 / 512, t
 5% / 9% less (docs/benchmarks.md). On by default on CPU only: the GPU's recorded XLA programs
 keep W-row blocks until the narrow band is measured there."""
 NARROW_BAND_ROWS = 16
-narrow_band = NARROW_BAND
 set_narrow_band = NARROW_BAND.set
 forced_narrow_band = NARROW_BAND.forced
 
@@ -75,7 +74,7 @@ def band_position_scores(qv_BMHD: Array, r_THD: Array, r_offset: int, window: in
     b, mb, h, d = qv_BMHD.shape
     w = window
     rows = band_block_rows(w) if block_rows is None else block_rows
-    if not 1 <= rows:
+    if rows < 1:
         raise ValueError(f"band_position_scores: block_rows must be >= 1, got {rows}")
     rows = min(rows, mb)
     nb = -(-mb // rows)

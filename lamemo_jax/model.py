@@ -70,9 +70,11 @@ def position_sequence(cfg: ModelConfig, n: int, mb: int) -> np.ndarray:
     return pos
 
 
-def dropout_scale(keep: Array, rate: float, dtype) -> Array:
-    """The per-element factor of inverted dropout: 1 / (1 - rate) where ``keep``, else 0, in the
-    compute dtype of ``dtype`` (float32 for bf16/f16/f32 activations, float64 for float64).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def apply_dropout_mask(x: Array, keep: Array, rate: float) -> Array:
+    """x * (keep / (1 - rate)): the factor 1 / (1 - rate) where ``keep``, else 0, in x's compute
+    dtype (float32 for bf16/f16/f32 activations, float64 for float64), the product rounded to
+    x's dtype.
 
     In float32 this is the original's CPU dropout (``noise.bernoulli_(1 - p); noise.div_(1 - p);
     x * noise``): the factor is 1 / (1 - rate) rounded once (1.0f / float(1 - p)) and the output x
@@ -81,21 +83,15 @@ def dropout_scale(keep: Array, rate: float, dtype) -> Array:
     -0.16% bias in bf16). Never 1 / bf16(1 - rate): bf16(0.9) is 0.8984375, which would scale
     every kept bf16 activation up by 0.17% (an expectation bias that eval, without dropout, does
     not have).
-    """
-    cdt = jnp.promote_types(dtype, jnp.float32)
-    factor = np.asarray(1.0, cdt) / np.asarray(1.0 - rate, cdt)
-    return jnp.where(keep, jnp.asarray(factor, cdt), jnp.zeros((), cdt))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def apply_dropout_mask(x: Array, keep: Array, rate: float) -> Array:
-    """x * (keep / (1 - rate)) in the compute dtype (``dropout_scale``), rounded to x's dtype.
 
     Its own VJP (the same expression applied to the cotangent) keeps the boolean mask as the only
     residual: plain autodiff would save the float32 factor, 4 bytes per element instead of 1,
-    which in bf16 training is more than the activation itself."""
-    scale = dropout_scale(keep, rate, x.dtype)
-    return (x.astype(scale.dtype) * scale).astype(x.dtype)
+    which in bf16 training is more than the activation itself.
+    """
+    cdt = jnp.promote_types(x.dtype, jnp.float32)
+    factor = np.asarray(1.0, cdt) / np.asarray(1.0 - rate, cdt)
+    scale = jnp.where(keep, jnp.asarray(factor, cdt), jnp.zeros((), cdt))
+    return (x.astype(cdt) * scale).astype(x.dtype)
 
 
 def _apply_dropout_mask_fwd(x, keep, rate):
