@@ -47,6 +47,8 @@ print(json.dumps({"applied": applied, "faults_per_step": faults, "state_sha256":
 def _run(switch: str) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **{host.ENV_SWITCH: switch})
     env.pop("JAX_NUM_CPU_DEVICES", None)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith(host.VECTOR_WIDTH_FLAG))
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -56,14 +58,17 @@ def _run(switch: str) -> dict:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
 def test_tuned_cpu_step_takes_no_page_faults_and_untuned_one_does_with_the_same_results():
     tuned = _run("1")
-    assert tuned["applied"] == {"malloc": "glibc mallopt", "inline_cpu_dispatch": True}
+    wide = 512 if "avx512f" in host._cpu_flags() else "no AVX-512 (XLA's default vector width kept)"
+    assert tuned["applied"] == {"malloc": "glibc mallopt", "inline_cpu_dispatch": True,
+                                "cpu_vector_width": wide}
     assert tuned["async"] is False
     assert tuned["faults_per_step"] < 100, tuned
     off = _run("0")
     assert off["applied"]["malloc"].startswith("off") and off["async"] is True
     # the same step without the settings: its temporaries are mapped and faulted in every step
     assert off["faults_per_step"] > 2000, off
-    # the settings change where memory comes from, not the computation: the same training state
+    # the settings change where memory comes from and how wide XLA's vectors are, not the
+    # computation: the same training state, bit for bit
     assert tuned["state_sha256"] == off["state_sha256"]
 
 
@@ -74,12 +79,35 @@ def test_tune_cpu_host_is_applied_once_keeps_an_existing_backend_and_names_a_bad
     assert host.applied() == {}
     first = host.tune_cpu_host()
     assert first["inline_cpu_dispatch"] == "backends already created: asynchronous CPU dispatch kept"
+    if "avx512f" in host._cpu_flags():
+        assert first["cpu_vector_width"] in ("backends already created: XLA's default vector width kept",
+                                             "already in XLA_FLAGS: kept")
     assert host.tune_cpu_host() == first == host.applied()  # once per process
     monkeypatch.setattr(host, "_DONE", {})
     monkeypatch.setenv(host.ENV_SWITCH, "0")
     assert host.tune_cpu_host() == {"malloc": f"off ({host.ENV_SWITCH}=0)",
-                                    "inline_cpu_dispatch": f"off ({host.ENV_SWITCH}=0)"}
+                                    "inline_cpu_dispatch": f"off ({host.ENV_SWITCH}=0)",
+                                    "cpu_vector_width": f"off ({host.ENV_SWITCH}=0)"}
     monkeypatch.setattr(host, "_DONE", {})
     monkeypatch.setenv(host.ENV_SWITCH, "maybe")
     with pytest.raises(ValueError, match="LAMEMO_TUNE_CPU_HOST='maybe'"):
         host.tune_cpu_host()
+
+
+def test_wide_cpu_vectors_only_on_avx512_before_any_backend_and_never_over_a_given_value(monkeypatch):
+    monkeypatch.setattr(host, "_backends_exist", lambda: False)  # as in a fresh process
+    monkeypatch.setattr(host, "_cpu_flags", lambda: {"sse2", "avx2"})
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert host._wide_cpu_vectors() == "no AVX-512 (XLA's default vector width kept)"
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    monkeypatch.setattr(host, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert host._wide_cpu_vectors() == 512
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_cpu_prefer_vector_width=512"
+    assert host._wide_cpu_vectors() == "already in XLA_FLAGS: kept"  # a second call adds nothing
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+    assert host._wide_cpu_vectors() == "already in XLA_FLAGS: kept"
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(host, "_backends_exist", lambda: True)  # XLA has read its flags already
+    assert host._wide_cpu_vectors() == "backends already created: XLA's default vector width kept"
+    assert "XLA_FLAGS" not in os.environ
