@@ -5,12 +5,13 @@ of each with the JAX profiler and sums the device kernels by XLA op and by kind.
         --variant plain: --variant chunk:softmax_chunk=2048 --variant xl:memory=xl --out=runs/prof
 
 Each ``--variant NAME:FIELD=VALUE,...`` is the config's model with those ModelConfig fields
-changed (``NAME:`` alone: unchanged). Three pseudo-fields force a form of the XLA path while that
+changed (``NAME:`` alone: unchanged). Four pseudo-fields force a form of the XLA path while that
 variant is traced: ``batched_positions=True|False`` the attention references' position product
 batched or shared (``kernels.BATCHED_POSITIONS``), ``one_pass_softmax=True|False`` the one-pass
 log-sum-exp and softmax backward or the plain two-pass autodiff (``kernels.ONE_PASS_SOFTMAX``),
 ``narrow_band=True|False`` the look-ahead's position band in 16-row or W-row blocks
-(``kernels.NARROW_BAND``).
+(``kernels.NARROW_BAND``), ``flat_rows=True|False`` the layers' dense products as 2-D products
+over the flattened rows or batched (``kernels.FLAT_ROWS``).
 For each variant: compile, fill the memory, time ``--steps`` steps (interleaved with the other
 variants, as benchmarks.throughput does), then trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
 reports, per step: the device's busy time (the union of its kernels' intervals) against the

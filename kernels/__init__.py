@@ -21,8 +21,9 @@ An axis that does not divide the batch (or the heads) is left out (replicated), 
 
 The references' GPU forms (``BATCHED_POSITIONS``, ``ONE_PASS_SOFTMAX``; ``kernels/softmax.py``'s
 ``BackendSwitch``): the same values in another form, on by default on a GPU only; see
-docs/kernels.md. Its CPU form: ``NARROW_BAND`` (the look-ahead's position band in 16-row blocks),
-on by default on a CPU only.
+docs/kernels.md. Their CPU forms: ``NARROW_BAND`` (the look-ahead's position band in 16-row
+blocks) and ``FLAT_ROWS`` (the model's dense products as 2-D products over the flattened rows,
+``kernels/dense.py``'s ``rows_dot``), on by default on a CPU only.
 
 Attention dropout: the kernels do not implement ``dropatt``. A call with ``dropatt > 0`` and a
 ``dropout_rng`` (training with attention dropout) falls back to the reference whatever ``impl``
@@ -39,6 +40,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from kernels._relpos_flash import BlockSizes
+from kernels.dense import FLAT_ROWS, forced_flat_rows, rows_dot, set_flat_rows
 from kernels.lookahead import (NARROW_BAND, forced_narrow_band, lookahead_pallas, lookahead_reference,
                                set_narrow_band)
 from kernels.rel_attention import (BATCHED_POSITIONS, forced_batched_positions, rel_attention_pallas,
@@ -48,7 +50,7 @@ from kernels.softmax import ONE_PASS as ONE_PASS_SOFTMAX
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 # the references' by-backend forms (kernels.softmax.BackendSwitch), by the name benchmarks use
 SWITCHES = {"batched_positions": BATCHED_POSITIONS, "one_pass_softmax": ONE_PASS_SOFTMAX,
-            "narrow_band": NARROW_BAND}
+            "narrow_band": NARROW_BAND, "flat_rows": FLAT_ROWS}
 
 
 def reference_forms() -> dict:
@@ -61,7 +63,8 @@ __all__ = ["BlockSizes", "IMPLS", "KernelUnavailableError", "Partition", "lookah
            "lookahead_reference", "rel_attention", "rel_attention_pallas",
            "rel_attention_reference", "resolve_impl", "BATCHED_POSITIONS", "ONE_PASS_SOFTMAX",
            "forced_batched_positions", "set_batched_positions", "NARROW_BAND", "forced_narrow_band",
-           "set_narrow_band", "SWITCHES", "reference_forms"]
+           "set_narrow_band", "SWITCHES", "reference_forms", "FLAT_ROWS", "forced_flat_rows",
+           "rows_dot", "set_flat_rows"]
 
 
 class KernelUnavailableError(RuntimeError):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels.dense import rows_dot
 from kernels.softmax import logsumexp, stat_dtype
 from lamemo_jax.config import ModelConfig
 
@@ -222,13 +223,14 @@ def pad_to_multiple(a, axis: int, multiple: int, value=0):
 
 def aligned_dot(x, w):
     """x [..., K] @ w [K, N] with K and N zero-padded to the accelerator's multiple (8 on a GPU /
-    TPU, none on a CPU; ``PAD_MULTIPLES[1]``): the same product, on aligned sizes."""
+    TPU, none on a CPU; ``PAD_MULTIPLES[1]``): the same product, on aligned sizes. The product is
+    ``kernels.rows_dot`` (on a CPU one 2-D product over the flattened rows, ``FLAT_ROWS``)."""
     m = _pad_multiples()[1]
     k, n = w.shape
     if not (k % m or n % m):  # already aligned (always on a CPU): the plain product, same jaxpr
-        return jnp.dot(x, w)
+        return rows_dot(x, w)
     w = pad_to_multiple(pad_to_multiple(w, 0, m), 1, m)
-    return jnp.dot(pad_to_multiple(x, -1, m), w)[..., :n]
+    return rows_dot(pad_to_multiple(x, -1, m), w)[..., :n]
 
 
 def softmax_cross_entropy(x, w, b, targets, chunk: int = 0):

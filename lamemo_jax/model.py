@@ -138,8 +138,9 @@ class LayerNorm(nn.Module):
 
 
 def layer_dot(cfg: ModelConfig, x: Array, w: Array) -> Array:
-    """x @ w of a layer projection: on aligned (zero-padded) sizes with ``cfg.pad_layer_matmuls``."""
-    return aligned_dot(x, w) if cfg.pad_layer_matmuls else jnp.dot(x, w)
+    """x @ w of a layer projection: on aligned (zero-padded) sizes with ``cfg.pad_layer_matmuls``;
+    ``kernels.rows_dot`` either way (on a CPU one 2-D product over the flattened rows)."""
+    return aligned_dot(x, w) if cfg.pad_layer_matmuls else kernels.rows_dot(x, w)
 
 
 class Dense(nn.Module):

@@ -15,8 +15,9 @@ def test_throughput_interleaves_and_records_a_failing_variant(tmp_path):
     out = json.load(open(tmp_path / "throughput.json"))
     rows = {(r["memory"], r["attention_impl"]): r for r in out["rows"]}
     assert set(rows) == {(m, i) for m in ("lamemo", "xl") for i in ("xla", "pallas")}
-    # which forms of the references the run traced (CPU: the narrow band only)
-    assert out["reference_forms"] == {"batched_positions": False, "one_pass_softmax": False, "narrow_band": True}
+    # which forms of the XLA path the run traced (CPU: the narrow band and the flat dense products)
+    assert out["reference_forms"] == {"batched_positions": False, "one_pass_softmax": False, "narrow_band": True,
+                                      "flat_rows": True}
     for m in ("lamemo", "xl"):
         ok = rows[(m, "xla")]
         assert ok["step_ms"] > 0 and ok["train_flops_per_step"] > 0 and ok["train_step_mb"] > 0
@@ -164,11 +165,11 @@ def test_profile_step_and_output_layer_run_on_cpu(tmp_path, capsys):
     small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=4"
     rc = profile_step.main(["--config=configs/tiny.py", "--dtype=float32", "--batch=2", "--steps=2",
                             "--trace_steps=1", f"--variant=a:{small}", f"--variant=x:{small},memory=xl",
-                            f"--variant=b:{small},batched_positions=True,one_pass_softmax=True,narrow_band=False", "--keep=a", f"--out={tmp_path}"])
+                            f"--variant=b:{small},batched_positions=True,one_pass_softmax=True,narrow_band=False,flat_rows=False", "--keep=a", f"--out={tmp_path}"])
     out = json.load(open(tmp_path / "profile.json"))
     assert rc == 0 and [r["variant"] for r in out["rows"]] == ["a", "x", "b"]
     assert kernels.BATCHED_POSITIONS.value is None and kernels.ONE_PASS_SOFTMAX.value is None  # reset
-    assert kernels.NARROW_BAND.value is None
+    assert kernels.NARROW_BAND.value is None and kernels.FLAT_ROWS.value is None
     assert all(r["step_ms"] > 0 and r["profile"]["traced_wall_ms_per_step"] > 0 for r in out["rows"])
     assert (tmp_path / "trace_a.json.gz").exists() and (tmp_path / "hlo_a.txt.gz").exists()
     for row in out["rows"]:  # XLA:CPU: the ops from the host events, both attentions found by scope
