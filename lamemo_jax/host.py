@@ -1,4 +1,5 @@
-"""Process settings that keep XLA:CPU steps from page-faulting their memory in again every step.
+"""Process settings that keep XLA:CPU steps from page-faulting their memory in again every step,
+and that let XLA:CPU use an AVX-512 CPU's full vector width.
 
 XLA:CPU allocates an execution's temporaries and outputs anew each time it runs. glibc's malloc
 serves a block above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap`` and gives
@@ -9,7 +10,7 @@ LaMemo training step took 9.6k minor page faults and 17 ms of system time per 42
 mem_len 64, 42k faults and 65-70 ms per step at mem_len 512; Transformer-XL's smaller
 temporaries stayed under the threshold at mem_len 64 / 128 (no faults).
 
-``tune_cpu_host()`` does two things, both for the whole process:
+Against the page faults ``tune_cpu_host()`` does two things, both for the whole process:
 
 * ``mallopt(M_MMAP_THRESHOLD, 1 GiB)`` and ``mallopt(M_TRIM_THRESHOLD, INT_MAX ~ 2 GiB)``
   (glibc only): blocks up to 1 GiB come from the heap, and freed memory stays there for the
