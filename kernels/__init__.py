@@ -48,7 +48,7 @@ from kernels.rel_attention import (BATCHED_POSITIONS, forced_batched_positions, 
 from kernels.softmax import ONE_PASS as ONE_PASS_SOFTMAX
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
-# the references' by-backend forms (kernels.softmax.BackendSwitch), by the name benchmarks use
+# the XLA path's by-backend forms (kernels.softmax.BackendSwitch), by the name benchmarks use
 SWITCHES = {"batched_positions": BATCHED_POSITIONS, "one_pass_softmax": ONE_PASS_SOFTMAX,
             "narrow_band": NARROW_BAND, "flat_rows": FLAT_ROWS}
 

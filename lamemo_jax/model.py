@@ -109,7 +109,7 @@ def dropout(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
     """Inverted dropout with a fresh mask from the module's 'dropout' RNG stream: x * (mask / (1 - rate)).
 
     The multiply form (rather than a select of x / (1 - rate)) also lets XLA:CPU fuse the
-    backward's uses of the mask better: -2% to -7% per training step at the CPU benchmark config
+    backward's uses of the mask better: -0.2% to -7% per training step at the CPU benchmark config
     (docs/benchmarks.md).
     """
     if not train or rate == 0.0:

@@ -1,6 +1,7 @@
 """kernels.rows_dot: the layers' dense products, batched or as one 2-D product over the flattened
 rows (``kernels.FLAT_ROWS``). Both forms are the same product: values and gradients equal in
-float64, in the product alone and through a training loss of both memories."""
+float64 (float64 is on for all tests, conftest.py). Through a whole training loss:
+tests/test_model_properties.py."""
 
 import jax
 import jax.extend
@@ -9,14 +10,7 @@ import numpy as np
 import pytest
 
 import kernels
-import lamemo_jax
 from kernels.dense import rows_dot
-
-
-@pytest.fixture(autouse=True)
-def _x64():
-    with jax.enable_x64(True):
-        yield
 
 
 def _dot_generals(fn, *args):
@@ -77,32 +71,3 @@ def test_flat_rows_is_the_cpu_default_and_in_the_benchmark_records():
     with kernels.forced_flat_rows(False):
         assert kernels.reference_forms()["flat_rows"] is False
     assert kernels.FLAT_ROWS.value is None
-
-
-@pytest.mark.parametrize("memory,train", [("lamemo", False), ("xl", False), ("lamemo", True)])
-def test_training_loss_and_gradients_are_the_same_in_both_forms(memory, train):
-    """Two segments (the second with the refreshed memory), every parameter's gradient, with and
-    without dropout (the same masks), float64: the same to 1e-12 in both forms."""
-    cfg = lamemo_jax.ModelConfig(n_token=40, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24,
-                                 tgt_len=6, mem_len=6, memory=memory, dtype="float64",
-                                 param_dtype="float64", dropout=0.2 if train else 0.0, dropatt=0.0)
-    params = lamemo_jax.init_params(cfg, jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 40)
-    mem = lamemo_jax.init_memory(cfg, 2)
-    kw = dict(train=True, rng=jax.random.key(7)) if train else {}
-
-    def value_and_grad(flat):  # a new function per form (traces of one function are cached)
-        def loss(p):
-            _, m = lamemo_jax.apply(cfg, p, tokens[:, :6], mem, targets=tokens[:, 1:], **kw)
-            out, _ = lamemo_jax.apply(cfg, p, tokens[:, 1:], m, targets=tokens[:, :6], **kw)
-            return jnp.sum(out.nll * jnp.arange(1.0, 7.0))
-        with kernels.forced_flat_rows(flat):
-            n_flat = sum(len(op[0]) == 2 for op in _dot_generals(jax.value_and_grad(loss), params))
-            return jax.jit(jax.value_and_grad(loss))(params), n_flat
-
-    results, n_flat = zip(*(value_and_grad(flat) for flat in (False, True)))
-    assert n_flat[1] > n_flat[0]  # the two forms were traced (2-D products: the flat form's)
-    (l0, g0), (l1, g1) = results
-    assert abs(float(l0) - float(l1)) <= 1e-12 * abs(float(l0))
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
-        assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernels
 import lamemo_jax
 from lamemo_jax import ModelConfig
 from lamemo_jax.model import position_sequence, sinusoid
@@ -554,3 +555,22 @@ def test_layer_padding_changes_nothing_on_cpu(monkeypatch, memory, train):
     texts = [str(jax.make_jaxpr(jax.value_and_grad(loss), static_argnums=1)(params, c))
              for c in (cfg, cfg.replace(pad_layer_matmuls=True))]
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("memory,train", [("lamemo", False), ("xl", False), ("lamemo", True)])
+def test_flat_dense_products_give_the_same_loss_and_gradients(memory, train):
+    """kernels.FLAT_ROWS (the layers' products as one 2-D product over the flattened rows, on by
+    default on a CPU): two segments, with and without dropout (the same masks), float64: the same
+    loss and every parameter's gradient (1e-12) as the batched products."""
+    cfg, params, loss = _layer_padding_case(memory, train)
+    results, texts = [], []
+    for flat in (False, True):
+        with kernels.forced_flat_rows(flat):
+            value_and_grad = jax.value_and_grad(loss)  # a new function per form (traces are cached)
+            texts.append(str(jax.make_jaxpr(value_and_grad, static_argnums=1)(params, cfg)))
+            results.append(jax.jit(value_and_grad, static_argnums=1)(params, cfg))
+    assert texts[0] != texts[1]  # the two forms were traced
+    (l0, g0), (l1, g1) = results
+    assert abs(float(l0) - float(l1)) <= 1e-12 * abs(float(l0))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)
