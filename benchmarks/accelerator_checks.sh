@@ -26,7 +26,13 @@
 #                 step's trace and compiled HLO (prof/trace_lamemo.json.gz, prof/hlo_lamemo.txt.gz)
 #   alignment     python -m benchmarks.alignment: one layer's matmuls unpadded vs padded to 8
 #                 (matmul kernel time from a trace) -> alignment.json
-# All stages together need up to ~25 minutes (their limits); a shorter lease runs some of them:
+#   forms         the CPU's forms of the XLA path on this GPU: the layers' dense products as 2-D
+#                 products (flat_rows=True) for LaMemo and XL, the look-ahead's position band in
+#                 16-row blocks (narrow_band=True), against today's defaults -> forms/profile.json
+#   gemm          XLA's choice of matrix-product kernels: Triton gemm fusions (the default) against
+#                 cuBLAS (xla_gpu_enable_triton_gemm=False) and cuBLASLt (xla_gpu_enable_cublaslt)
+#                 for LaMemo, and cuBLAS for XL -> gemm/profile.json
+# All stages together need up to ~34 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
@@ -34,7 +40,7 @@ set -u
 OUT=${1:?usage: $0 OUTDIR [config] [steps]}
 CONFIG=${2:-configs/wt103.py}
 STEPS=${3:-10}
-mkdir -p "$OUT/tp" "$OUT/tpc" "$OUT/prof"
+mkdir -p "$OUT/tp" "$OUT/tpc" "$OUT/prof" "$OUT/forms" "$OUT/gemm"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -46,8 +52,10 @@ LIMIT_TPC=${LIMIT_TPC:-90}
 LIMIT_OL=${LIMIT_OL:-80}
 LIMIT_PROF=${LIMIT_PROF:-540}
 LIMIT_AL=${LIMIT_AL:-60}
+LIMIT_FORMS=${LIMIT_FORMS:-330}
+LIMIT_GEMM=${LIMIT_GEMM:-220}
 
-STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment}
+STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment forms gemm}
 
 stage() {
   local name=$1 limit=$2 start rc
@@ -83,3 +91,12 @@ stage profile "$LIMIT_PROF" "$PY" -m benchmarks.profile_step --config="$CONFIG" 
   --trace_steps 2 --top 30 --keep lamemo --out="$OUT/prof"
 stage alignment "$LIMIT_AL" "$PY" -m benchmarks.alignment --config="$CONFIG" --multiple 8 --iters 20 \
   --json "$OUT/alignment.json"
+stage forms "$LIMIT_FORMS" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
+  --variant lamemo: --variant lamemo_flat:flat_rows=True --variant lamemo_band:narrow_band=True \
+  --variant xl:memory=xl --variant xl_flat:memory=xl,flat_rows=True --steps="$STEPS" --trace_steps 2 \
+  --top 20 --out="$OUT/forms"
+stage gemm "$LIMIT_GEMM" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
+  --variant lamemo: --variant lamemo_cublas:xla_gpu_enable_triton_gemm=False \
+  --variant lamemo_cublaslt:xla_gpu_enable_cublaslt=True --variant xl:memory=xl \
+  --variant xl_cublas:memory=xl,xla_gpu_enable_triton_gemm=False --steps="$STEPS" --trace_steps 2 \
+  --top 20 --out="$OUT/gemm"

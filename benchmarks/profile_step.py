@@ -11,7 +11,10 @@ batched or shared (``kernels.BATCHED_POSITIONS``), ``one_pass_softmax=True|False
 log-sum-exp and softmax backward or the plain two-pass autodiff (``kernels.ONE_PASS_SOFTMAX``),
 ``narrow_band=True|False`` the look-ahead's position band in 16-row or W-row blocks
 (``kernels.NARROW_BAND``), ``flat_rows=True|False`` the layers' dense products as 2-D products
-over the flattened rows or batched (``kernels.FLAT_ROWS``).
+over the flattened rows or batched (``kernels.FLAT_ROWS``). A field named ``xla_...`` is an XLA
+option for that variant's compile alone (``xla_gpu_enable_triton_gemm=False``: the step's
+matrix-product fusions go to cuBLAS instead of Triton), so compiler settings are compared in one
+process too; an option this XLA does not know fails that variant, not the run.
 For each variant: compile, fill the memory, time ``--steps`` steps (interleaved with the other
 variants, as benchmarks.throughput does), then trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
 reports, per step: the device's busy time (the union of its kernels' intervals) against the
@@ -317,6 +320,12 @@ def switch_setup(fields: dict):
     return setup
 
 
+def compiler_options(fields: dict) -> dict | None:
+    """Pops the XLA options (fields named ``xla_...``) from ``fields``: None when there are none."""
+    options = {k: fields.pop(k) for k in [k for k in fields if k.startswith("xla_")]}
+    return options or None
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
     """'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, {FIELD: value})."""
     name, sep, rest = spec.partition(":")
@@ -381,19 +390,22 @@ def main(argv=None) -> int:
             mem_len = fields.pop("mem_len", exp_model.mem_len)
             impl = fields.pop("attention_impl", args.attention_impl)
             setup = switch_setup(fields)
-            variants.append((name, base_config(ns, memory, mem_len, impl).replace(**fields), setup))
+            options = compiler_options(fields)
+            variants.append((name, base_config(ns, memory, mem_len, impl).replace(**fields), setup, options))
     except (TypeError, ValueError) as e:
         p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     peak = device_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config "
           f"{args.config or 'benchmarks.throughput (CPU)'}, batch {batch}, {dtype}", flush=True)
-    timers = time_interleaved([cfg for _, cfg, _ in variants], batch, args.steps,
-                              setups=[setup for _, _, setup in variants])
+    timers = time_interleaved([v[1] for v in variants], batch, args.steps,
+                              setups=[v[2] for v in variants], compiler_options=[v[3] for v in variants])
     rows = []
-    for (name, cfg, _), timer in zip(variants, timers):
+    for (name, cfg, _, options), timer in zip(variants, timers):
         if isinstance(timer, Exception):
-            rows.append({"variant": name, "error": f"{type(timer).__name__}: {str(timer)[:400]}"})
+            rows.append({"variant": name, "compiler_options": options,
+                         "error": f"{type(timer).__name__}: {str(timer)[:400]}"})
+            print(f"\n== {name}: failed: {rows[-1]['error']}", flush=True)
             continue
         med = timer.summary()[0]
         flops = train_step_flops(cfg, batch)
@@ -402,7 +414,8 @@ def main(argv=None) -> int:
         if name in args.keep:
             with gzip.open(os.path.join(args.out, f"hlo_{name}.txt.gz"), "wt") as f:
                 f.write(timer.step.as_text())
-        row = {"variant": name, "step_ms": med * 1e3, "train_tokens_per_sec": batch * cfg.tgt_len / med,
+        row = {"variant": name, "compiler_options": options, "step_ms": med * 1e3,
+               "train_tokens_per_sec": batch * cfg.tgt_len / med,
                "train_flops_per_step": flops, "achieved_tflops": flops / med / 1e12,
                "mfu": flops / med / peak if peak else None, "train_step_mb": timer.step_mb,
                "profile": prof}

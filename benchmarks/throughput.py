@@ -109,9 +109,11 @@ def data_parallel_mesh():
 class TrainTimer:
     """One variant's jitted train step, compiled and with its memory filled, timed one step at a time.
 
-    ``mesh``: jit the step sharded over it as the trainer does (None: one device)."""
+    ``mesh``: jit the step sharded over it as the trainer does (None: one device).
+    ``compiler_options``: XLA options for this step's compile alone (``{"xla_gpu_...": value}``,
+    as ``jax.stages.Lowered.compile`` takes them), so variants of one process can differ in them."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, mesh=None):
+    def __init__(self, cfg: ModelConfig, batch: int, mesh=None, compiler_options: dict | None = None):
         tc = TrainConfig(batch_size=batch, learning_rate=2.5e-4, clip=0.25, num_steps=10**6)
         opt = make_optimizer(tc)
         rng = np.random.default_rng(0)
@@ -128,7 +130,7 @@ class TrainTimer:
             jitted = jax.jit(make_train_step(cfg, tc, opt, mesh), donate_argnums=(0,),
                              in_shardings=(state_sh, rows_sh, rows_sh, sos_sh),
                              out_shardings=(state_sh, shard_lib.replicated(mesh)))
-        compiled = jitted.lower(self.state, self.x, self.x, self.sos).compile()
+        compiled = jitted.lower(self.state, self.x, self.x, self.sos).compile(compiler_options or None)
         self.step_mb = compiled_mb(compiled)  # this variant's executable, whatever else is alive
         self.step = compiled
         self.times = []
@@ -148,18 +150,20 @@ class TrainTimer:
                 float(np.percentile(self.times, 90)))
 
 
-def time_interleaved(cfgs, batch: int, steps: int, mesh=None, setups=None):
+def time_interleaved(cfgs, batch: int, steps: int, mesh=None, setups=None, compiler_options=None):
     """Times the variants' steps in interleaved rounds, alternating the order (A B C, C B A, ...):
     a slow phase of a shared machine then hits every variant alike, so their ratios hold, and no
     variant always follows the same neighbour. Returns one entry per variant: its TrainTimer, or
     the exception that stopped it from compiling or filling its memory. ``setups``: one context
-    manager factory per variant (or None), entered while that variant's step is traced."""
+    manager factory per variant (or None), entered while that variant's step is traced;
+    ``compiler_options``: one dict of XLA options per variant (or None), for its compile."""
     timers = []
     for i, c in enumerate(cfgs):
         setup = setups[i] if setups and setups[i] else contextlib.nullcontext
+        options = compiler_options[i] if compiler_options else None
         try:
             with setup():
-                timers.append(TrainTimer(c, batch, mesh))
+                timers.append(TrainTimer(c, batch, mesh, compiler_options=options))
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
             timers.append(e)
     run_rounds([t for t in timers if isinstance(t, TrainTimer)], steps)

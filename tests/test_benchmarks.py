@@ -211,3 +211,19 @@ def test_alignment_pads_exactly_and_runs_on_cpu(tmp_path):
     out = json.load(open(tmp_path / "al.json"))
     assert [r["matmul"] for r in out["rows"]] == ["qkv", "o_net", "ff1", "ff2", "scores"]
     assert all(r["unpadded_matmul_ms"] > 0 and r["padded_matmul_ms"] > 0 for r in out["rows"])
+
+
+def test_profile_step_passes_xla_options_per_variant(tmp_path, capsys):
+    # fields named xla_... are compiler options of that variant's compile alone: a known one compiles
+    # and is recorded, an unknown one fails its variant (named in the error) and not the others
+    from benchmarks import profile_step
+    small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=4"
+    rc = profile_step.main(["--config=configs/tiny.py", "--dtype=float32", "--batch=2", "--steps=2",
+                            "--trace_steps=1", f"--variant=a:{small}",
+                            f"--variant=o:{small},xla_cpu_enable_fast_math=False",
+                            f"--variant=bad:{small},xla_no_such_option=1", f"--out={tmp_path}"])
+    rows = {r["variant"]: r for r in json.load(open(tmp_path / "profile.json"))["rows"]}
+    assert rc == 1 and rows["a"]["compiler_options"] is None and rows["a"]["step_ms"] > 0
+    assert rows["o"]["compiler_options"] == {"xla_cpu_enable_fast_math": False} and rows["o"]["step_ms"] > 0
+    assert "xla_no_such_option" in rows["bad"]["error"] and "step_ms" not in rows["bad"]
+    assert "== bad: failed" in capsys.readouterr().out
