@@ -32,7 +32,7 @@
 #   gemm          XLA's choice of matrix-product kernels: Triton gemm fusions (the default) against
 #                 cuBLAS (xla_gpu_enable_triton_gemm=False) and cuBLASLt (xla_gpu_enable_cublaslt)
 #                 for LaMemo, and cuBLAS for XL -> gemm/profile.json
-# All stages together need up to ~34 minutes (their limits); a shorter lease runs some of them:
+# All stages together need up to ~37 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
@@ -52,8 +52,8 @@ LIMIT_TPC=${LIMIT_TPC:-90}
 LIMIT_OL=${LIMIT_OL:-80}
 LIMIT_PROF=${LIMIT_PROF:-540}
 LIMIT_AL=${LIMIT_AL:-60}
-LIMIT_FORMS=${LIMIT_FORMS:-330}
-LIMIT_GEMM=${LIMIT_GEMM:-220}
+LIMIT_FORMS=${LIMIT_FORMS:-400}
+LIMIT_GEMM=${LIMIT_GEMM:-360}
 
 STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment forms gemm}
 

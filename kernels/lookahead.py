@@ -52,8 +52,8 @@ NARROW_BAND = BackendSwitch("narrow_band", ("cpu",))
 (off). A block of R rows needs the R + W - 1 distances it spans, so 16-row blocks compute and shift
 16 + W - 1 instead of 2W - 1 scores per row (79 instead of 127 at W = 64): on the 2-core CPU the
 look-ahead's forward + backward took 26% / 21% less time at mem_len 256 / 512, the training step
-5% / 9% less (docs/benchmarks.md). On by default on CPU only: the GPU's recorded XLA programs
-keep W-row blocks until the narrow band is measured there."""
+5% / 9% less (docs/benchmarks.md). On by default on CPU only: on an H200 the wt103 bf16
+LaMemo step was 6.6% slower with it (87.8 vs 82.3 ms, 2026-11-27), so a GPU keeps W-row blocks."""
 NARROW_BAND_ROWS = 16
 set_narrow_band = NARROW_BAND.set
 forced_narrow_band = NARROW_BAND.forced
