@@ -116,6 +116,13 @@ class HloOp(NamedTuple):
     opcode: str
     op_name: str  # the op_name metadata ('' when none)
     has_dot: bool  # a fusion whose fused computation contains a dot
+    computation: str = ""  # the computation that holds the instruction
+    position: int = -1  # its index in that computation (the schedule order of a compiled module)
+    target: str = ""  # a custom-call's custom_call_target ('__cublas$lt$matmul', ...)
+
+
+# custom-call targets whose kernels are a library's (cuBLAS / cuDNN), named after the library
+LIBRARY_TARGETS = ("cublas", "cudnn")
 
 
 # ops that only hold other ops (the XLA:CPU runtime traces the ops inside them too)
@@ -138,12 +145,12 @@ def _skip_shape(rhs: str) -> str:
 def hlo_ops(hlo_text: str) -> dict:
     """Instruction name -> ``HloOp`` of a compiled HLO module's text (names are unique in a
     module, fused computations' parameters included)."""
-    dot_comps, comp = set(), None
+    dot_comps, comp, position = set(), None, 0
     ops = {}
     for line in hlo_text.splitlines():
         head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) \(', line)
         if head:  # a computation's header line
-            comp = head.group(1)
+            comp, position = head.group(1), 0
             continue
         m = re.match(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$', line)
         if not m:
@@ -156,10 +163,26 @@ def hlo_ops(hlo_text: str) -> dict:
             dot_comps.add(comp)
         meta = re.search(r'op_name="([^"]*)"', rest)
         calls = re.search(r'calls=%?([\w.\-]+)', rest)
+        target = re.search(r'custom_call_target="([^"]*)"', rest)
         ops.setdefault(m.group(1), (op.group(1), meta.group(1) if meta else "",
-                                    calls.group(1) if calls else None))
-    return {name: HloOp(opcode, op_name, calls in dot_comps)
-            for name, (opcode, op_name, calls) in ops.items()}
+                                    calls.group(1) if calls else None, comp, position,
+                                    target.group(1) if target else ""))
+        position += 1
+    return {name: HloOp(opcode, op_name, calls in dot_comps, comp, pos, target)
+            for name, (opcode, op_name, calls, comp, pos, target) in ops.items()}
+
+
+def _library_calls(ops: dict) -> tuple[list, int]:
+    """(the library custom-calls (``LIBRARY_TARGETS``) of the module's computation that holds
+    most of them, in schedule order; how many the module has in all)."""
+    calls = collections.defaultdict(list)
+    for name, op in ops.items():
+        if op.opcode == "custom-call" and any(t in op.target.lower() for t in LIBRARY_TARGETS):
+            calls[op.computation].append((op.position, name))
+    if not calls:
+        return [], 0
+    main = max(calls.values(), key=len)
+    return [name for _, name in sorted(main)], sum(len(v) for v in calls.values())
 
 
 def _host_op_kind(name: str, op: HloOp) -> str:
@@ -172,11 +195,20 @@ def _host_op_kind(name: str, op: HloOp) -> str:
 def _kernel_op(name: str, ops: dict) -> str:
     """The HLO op of a GPU kernel inside a command buffer (a CUDA graph), from the kernel's
     name: XLA names a fusion's kernel after it with '_' for '.' (input_reduce_fusion_32 ->
-    input_reduce_fusion.32); library kernels (cuBLAS) have no op."""
+    input_reduce_fusion.32); library kernels (cuBLAS) have no op of their name (see
+    ``summarize_trace``)."""
     if name in ops:
         return name
     dotted = re.sub(r"_(\d+)$", r".\1", name)
     return dotted if dotted in ops else name
+
+
+def _event_op(e: dict, ops: dict) -> str:
+    """The HLO op of a device kernel's trace event (its name when none is known)."""
+    op = (e.get("args", {}) or {}).get("hlo_op") or e["name"]
+    if op.startswith("command_buffer"):  # a CUDA graph of many ops: its kernels by name instead
+        op = _kernel_op(e["name"], ops)
+    return op
 
 
 def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | None = None) -> dict:
@@ -188,7 +220,17 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
     (``op_region``), and a trace without device kernels (XLA:CPU) is summarized from its host
     events that are the module's ops (the CPU runtime's thunks, named by HLO instruction). On a
     CPU independent ops run concurrently on the cores, so there the summed op time exceeds the
-    busy time (the union of the ops' intervals)."""
+    busy time (the union of the ops' intervals).
+
+    Inside a command buffer (a CUDA graph) a kernel carries the buffer's name, not its op's:
+    a fusion's kernel is found by its name (``_kernel_op``), which XLA shares between identical
+    fusions (the same fusion of every layer runs one kernel, named after the first: the time of
+    all counts to that op and its model region). A library kernel (cuBLAS's ``nvjet_...``) has
+    no op's name at all. When every library custom-call is in one computation and the trace
+    has exactly one kernel per call and step, the library kernels (in time order) are paired
+    with the calls in the compiled module's schedule order, step after step; otherwise they stay
+    unattributed. (Checked on a kept H100 trace: the three largest cuBLAS kernels pair with the
+    output layer's three products.)"""
     events = trace.get("traceEvents", [])
     pnames, tnames = {}, {}
     for e in events:
@@ -221,11 +263,16 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
     by_region_bwd = collections.Counter()
     op_kernel = {}
     op_count = collections.Counter()
-    for e in kernels:
-        args = e.get("args", {}) or {}
-        op = args.get("hlo_op") or e["name"]
-        if op.startswith("command_buffer"):  # a CUDA graph of many ops: its kernels by name instead
-            op = _kernel_op(e["name"], ops)
+    kernels.sort(key=lambda e: e["ts"])
+    kernel_ops = [_event_op(e, ops) for e in kernels]
+    if source == "device" and ops:
+        calls, n_calls = _library_calls(ops)
+        library = [i for i, (e, op) in enumerate(zip(kernels, kernel_ops))
+                   if op not in ops and kernel_kind(e["name"]) == "matmul"]
+        if calls and len(calls) == n_calls and len(library) == n_steps * len(calls):
+            for j, i in enumerate(library):
+                kernel_ops[i] = calls[j % len(calls)]
+    for e, op in zip(kernels, kernel_ops):
         hlo_op = ops.get(op, HloOp("", "", False))
         op_name = hlo_op.op_name
         if source == "device":

@@ -119,6 +119,47 @@ def test_profile_summary_sums_device_kernels_per_step():
         {"FFN": 0.2, "unattributed": 0.2, "output layer + loss": 0.1})
 
 
+def test_profile_summary_pairs_cublas_kernels_with_their_calls_in_schedule_order():
+    """cuBLAS kernels inside a CUDA graph carry no op name: with one kernel per library call and
+    step, the i-th (in time order) is the i-th call of the compiled schedule, step after step;
+    with any other count they stay unattributed rather than guessed."""
+    from benchmarks.profile_step import hlo_ops, summarize_trace
+    scope = 'metadata={op_name="jit(step_fn)/%s"}'
+    hlo = "\n".join([
+        "HloModule jit_step_fn, is_scheduled=true",
+        "ENTRY %main.9 (p: f32[8]) -> f32[8] {",
+        "  %p = f32[8]{0} parameter(0)",
+        "  %loop_add_fusion = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, "
+        + scope % "jvp(TransformerLM)/layers_0/pos_ff/add",
+        '  %custom-call.4 = (f32[8]{0}, s8[4]{0}) custom-call(%p, %p), custom_call_target="__cublas$lt$matmul", '
+        + scope % "jvp(TransformerLM)/layers_0/q_net/dot_general",
+        '  %custom-call.2 = (f32[8]{0}, s8[4]{0}) custom-call(%p, %p), custom_call_target="__cublas$gemm", '
+        + scope % "transpose(jvp(TransformerLM))/crit.nll/dot_general",
+        "  ROOT %t = f32[8]{0} add(%p, %p)",
+        "}"])
+    ops = hlo_ops(hlo)
+    assert ops["custom-call.4"].target == "__cublas$lt$matmul" and ops["custom-call.4"].computation == "main.9"
+    assert ops["custom-call.4"].position < ops["custom-call.2"].position  # schedule (text) order
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}}]
+
+    def trace(names_durs):
+        return {"traceEvents": meta + [
+            {"ph": "X", "pid": 1, "tid": 7, "ts": 1000 * i, "dur": dur, "name": name,
+             "args": {"hlo_op": "command_buffer_1"}} for i, (name, dur) in enumerate(names_durs)]}
+
+    step = [("loop_add_fusion", 100), ("nvjet_sm90_a", 300), ("nvjet_sm90_b", 500)]
+    s = summarize_trace(trace(step + step), n_steps=2, hlo_text=hlo)
+    assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(
+        {"FFN": 0.1, "q/k/v projections": 0.3, "output layer + loss": 0.5})
+    assert {o["op"]: o["launches_per_step"] for o in s["top_ops"]} == {
+        "loop_add_fusion": 1, "custom-call.4": 1, "custom-call.2": 1}
+    # a third cuBLAS kernel in a step (e.g. a split-K reduction): no pairing is trusted
+    s = summarize_trace(trace(step + step[:2] + [("nvjet_sm90_c", 50), step[2]]), n_steps=2, hlo_text=hlo)
+    assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(
+        {"FFN": 0.1, "unattributed": 0.825})
+
+
 def test_profile_summary_of_a_cpu_trace_by_op_kind_and_model_region():
     """Without device kernels (XLA:CPU) the host events named by an HLO instruction are the ops
     (not the containers: while/conditional/call); each is attributed to a model region by its
