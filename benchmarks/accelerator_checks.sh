@@ -29,10 +29,12 @@
 #   forms         the CPU's forms of the XLA path on this GPU: the layers' dense products as 2-D
 #                 products (flat_rows=True) for LaMemo and XL, the look-ahead's position band in
 #                 16-row blocks (narrow_band=True), against today's defaults -> forms/profile.json
-#   gemm          XLA's choice of matrix-product kernels: Triton gemm fusions (the default) against
-#                 cuBLAS (xla_gpu_enable_triton_gemm=False) and cuBLASLt (xla_gpu_enable_cublaslt)
-#                 for LaMemo, and cuBLAS for XL -> gemm/profile.json
-# All stages together need up to ~37 minutes (their limits); a shorter lease runs some of them:
+#   gemm          XLA's choice of matrix-product kernels for LaMemo: Triton gemm fusions (the
+#                 default) against cuBLAS (xla_gpu_enable_triton_gemm=False), cuBLASLt
+#                 (xla_gpu_enable_cublaslt) and an exhaustive search of Triton tilings
+#                 (xla_gpu_exhaustive_tiling_search; the 41-wide attention products), XL's default
+#                 -> gemm/profile.json
+# All stages together need up to ~39 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
@@ -53,7 +55,7 @@ LIMIT_OL=${LIMIT_OL:-80}
 LIMIT_PROF=${LIMIT_PROF:-540}
 LIMIT_AL=${LIMIT_AL:-60}
 LIMIT_FORMS=${LIMIT_FORMS:-400}
-LIMIT_GEMM=${LIMIT_GEMM:-360}
+LIMIT_GEMM=${LIMIT_GEMM:-480}
 
 STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment forms gemm}
 
@@ -97,6 +99,6 @@ stage forms "$LIMIT_FORMS" "$PY" -m benchmarks.profile_step --config="$CONFIG" -
   --top 20 --out="$OUT/forms"
 stage gemm "$LIMIT_GEMM" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
   --variant lamemo: --variant lamemo_cublas:xla_gpu_enable_triton_gemm=False \
-  --variant lamemo_cublaslt:xla_gpu_enable_cublaslt=True --variant xl:memory=xl \
-  --variant xl_cublas:memory=xl,xla_gpu_enable_triton_gemm=False --steps="$STEPS" --trace_steps 2 \
-  --top 20 --out="$OUT/gemm"
+  --variant lamemo_cublaslt:xla_gpu_enable_cublaslt=True \
+  --variant lamemo_exhaustive:xla_gpu_exhaustive_tiling_search=True --variant xl:memory=xl \
+  --steps="$STEPS" --trace_steps 2 --top 20 --out="$OUT/gemm"
