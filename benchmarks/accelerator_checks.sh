@@ -29,12 +29,14 @@
 #   forms         the CPU's forms of the XLA path on this GPU: the layers' dense products as 2-D
 #                 products (flat_rows=True) for LaMemo and XL, the look-ahead's position band in
 #                 16-row blocks (narrow_band=True), against today's defaults -> forms/profile.json
-#   gemm          XLA's choice of matrix-product kernels for LaMemo: Triton gemm fusions (the
-#                 default) against cuBLAS (xla_gpu_enable_triton_gemm=False), cuBLASLt
-#                 (xla_gpu_enable_cublaslt) and an exhaustive search of Triton tilings
-#                 (xla_gpu_exhaustive_tiling_search; the 41-wide attention products), XL's default
-#                 -> gemm/profile.json
-# All stages together need up to ~39 minutes (their limits); a shorter lease runs some of them:
+#   gemm          XLA's choice of matrix-product kernels for LaMemo: Triton gemm fusions where
+#                 the autotuner picks them (the default) against the library for every product
+#                 (xla_gpu_enable_triton_gemm=False) and the legacy cuBLAS API instead of
+#                 cuBLASLt (xla_gpu_enable_cublaslt=False); XL's default -> gemm/profile.json
+#   gemm_search   LaMemo with an exhaustive search of Triton tilings (the 41-wide attention
+#                 products; xla_gpu_exhaustive_tiling_search), alone in its process: compare
+#                 with the gemm stage's default on the same machine -> gemm_search/profile.json
+# All stages together need up to ~43 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
@@ -42,7 +44,7 @@ set -u
 OUT=${1:?usage: $0 OUTDIR [config] [steps]}
 CONFIG=${2:-configs/wt103.py}
 STEPS=${3:-10}
-mkdir -p "$OUT/tp" "$OUT/tpc" "$OUT/prof" "$OUT/forms" "$OUT/gemm"
+mkdir -p "$OUT/tp" "$OUT/tpc" "$OUT/prof" "$OUT/forms" "$OUT/gemm" "$OUT/gemm_search"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -55,9 +57,10 @@ LIMIT_OL=${LIMIT_OL:-80}
 LIMIT_PROF=${LIMIT_PROF:-540}
 LIMIT_AL=${LIMIT_AL:-60}
 LIMIT_FORMS=${LIMIT_FORMS:-400}
-LIMIT_GEMM=${LIMIT_GEMM:-480}
+LIMIT_GEMM=${LIMIT_GEMM:-420}
+LIMIT_GEMM_SEARCH=${LIMIT_GEMM_SEARCH:-300}
 
-STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment forms gemm}
+STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment forms gemm gemm_search}
 
 stage() {
   local name=$1 limit=$2 start rc
@@ -99,6 +102,10 @@ stage forms "$LIMIT_FORMS" "$PY" -m benchmarks.profile_step --config="$CONFIG" -
   --top 20 --out="$OUT/forms"
 stage gemm "$LIMIT_GEMM" "$PY" -m benchmarks.profile_step --config="$CONFIG" --dtype=bfloat16 \
   --variant lamemo: --variant lamemo_cublas:xla_gpu_enable_triton_gemm=False \
-  --variant lamemo_cublaslt:xla_gpu_enable_cublaslt=True \
-  --variant lamemo_exhaustive:xla_gpu_exhaustive_tiling_search=True --variant xl:memory=xl \
+  --variant lamemo_no_lt:xla_gpu_enable_cublaslt=False --variant xl:memory=xl \
   --steps="$STEPS" --trace_steps 2 --top 20 --out="$OUT/gemm"
+# in a process of its own: XLA's in-process autotuning cache would hand an exhaustive search the
+# tilings a default compile of the same fusions chose (or the other way round)
+stage gemm_search "$LIMIT_GEMM_SEARCH" "$PY" -m benchmarks.profile_step --config="$CONFIG" \
+  --dtype=bfloat16 --variant lamemo_exhaustive:xla_gpu_exhaustive_tiling_search=True \
+  --steps="$STEPS" --trace_steps 2 --top 20 --out="$OUT/gemm_search"

@@ -14,7 +14,8 @@ log-sum-exp and softmax backward or the plain two-pass autodiff (``kernels.ONE_P
 over the flattened rows or batched (``kernels.FLAT_ROWS``). A field named ``xla_...`` is an XLA
 option for that variant's compile alone (``xla_gpu_enable_triton_gemm=False``: the step's
 matrix-product fusions go to cuBLAS instead of Triton), so compiler settings are compared in one
-process too; an option this XLA does not know fails that variant, not the run.
+process too; an option this XLA does not know fails that variant, not the run. (Values cannot
+hold a comma: it separates the fields.)
 For each variant: compile, fill the memory, time ``--steps`` steps (interleaved with the other
 variants, as benchmarks.throughput does), then trace ``--trace_steps`` steps. From the trace (``*.trace.json.gz`` of ``jax.profiler``) it
 reports, per step: the device's busy time (the union of its kernels' intervals) against the
@@ -121,8 +122,8 @@ class HloOp(NamedTuple):
     target: str = ""  # a custom-call's custom_call_target ('__cublas$lt$matmul', ...)
 
 
-# custom-call targets whose kernels are a library's (cuBLAS / cuDNN), named after the library
-LIBRARY_TARGETS = ("cublas", "cudnn")
+# custom-call targets whose kernels are a library's (cuBLAS), named after the library
+LIBRARY_TARGETS = ("cublas",)
 
 
 # ops that only hold other ops (the XLA:CPU runtime traces the ops inside them too)
@@ -203,6 +204,24 @@ def _kernel_op(name: str, ops: dict) -> str:
     return dotted if dotted in ops else name
 
 
+def _pair_library_kernels(kernels: list, kernel_ops: list, ops: dict, n_steps: int) -> dict:
+    """{index in ``kernels``: library custom-call} for the device kernels no op was found for
+    that are matrix products (cuBLAS's): the i-th of them in time order is the i-th library call
+    of the compiled schedule, step after step. Empty (nothing paired) unless all library calls
+    are in one computation, there is one such kernel per call and step, and every step runs the
+    same kernel for the same call (an extra kernel in one step and a missing one in another
+    would otherwise shift the pairing silently)."""
+    calls, n_calls = _library_calls(ops)
+    library = [i for i, (e, op) in enumerate(zip(kernels, kernel_ops))
+               if op not in ops and kernel_kind(e["name"]) == "matmul"]
+    if not calls or len(calls) != n_calls or len(library) != n_steps * len(calls):
+        return {}
+    names = [kernels[i]["name"] for i in library]
+    if any(names[j] != names[j % len(calls)] for j in range(len(names))):
+        return {}
+    return {i: calls[j % len(calls)] for j, i in enumerate(library)}
+
+
 def _event_op(e: dict, ops: dict) -> str:
     """The HLO op of a device kernel's trace event (its name when none is known)."""
     op = (e.get("args", {}) or {}).get("hlo_op") or e["name"]
@@ -226,11 +245,12 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
     a fusion's kernel is found by its name (``_kernel_op``), which XLA shares between identical
     fusions (the same fusion of every layer runs one kernel, named after the first: the time of
     all counts to that op and its model region). A library kernel (cuBLAS's ``nvjet_...``) has
-    no op's name at all. When every library custom-call is in one computation and the trace
-    has exactly one kernel per call and step, the library kernels (in time order) are paired
-    with the calls in the compiled module's schedule order, step after step; otherwise they stay
-    unattributed. (Checked on a kept H100 trace: the three largest cuBLAS kernels pair with the
-    output layer's three products.)"""
+    no op's name at all: the library kernels (in time order) are paired with the cuBLAS calls in
+    the compiled module's schedule order, step after step, when that pairing is unambiguous
+    (``_pair_library_kernels``); otherwise they stay unattributed. A paired kernel's time counts
+    to its own call's model region, and in ``top_ops`` (like a shared fusion kernel) to the first
+    call that ran the same kernel. (Checked on a kept H100 trace: the three largest cuBLAS
+    kernels pair with the output layer's three products.)"""
     events = trace.get("traceEvents", [])
     pnames, tnames = {}, {}
     for e in events:
@@ -265,23 +285,23 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
     op_count = collections.Counter()
     kernels.sort(key=lambda e: e["ts"])
     kernel_ops = [_event_op(e, ops) for e in kernels]
+    top_keys = list(kernel_ops)  # what top_ops groups by (a paired cuBLAS kernel: see below)
     if source == "device" and ops:
-        calls, n_calls = _library_calls(ops)
-        library = [i for i, (e, op) in enumerate(zip(kernels, kernel_ops))
-                   if op not in ops and kernel_kind(e["name"]) == "matmul"]
-        if calls and len(calls) == n_calls and len(library) == n_steps * len(calls):
-            for j, i in enumerate(library):
-                kernel_ops[i] = calls[j % len(calls)]
-    for e, op in zip(kernels, kernel_ops):
+        pairs = _pair_library_kernels(kernels, kernel_ops, ops, n_steps)
+        first_call = {}  # like a shared fusion kernel, a cuBLAS kernel counts to its first op
+        for i in sorted(pairs):
+            kernel_ops[i] = pairs[i]
+            top_keys[i] = first_call.setdefault(kernels[i]["name"], pairs[i])
+    for e, op, key in zip(kernels, kernel_ops, top_keys):
         hlo_op = ops.get(op, HloOp("", "", False))
         op_name = hlo_op.op_name
         if source == "device":
             by_kind[kernel_kind(e["name"])] += e["dur"]
         else:
             by_kind[_host_op_kind(e["name"], hlo_op)] += e["dur"]
-        by_op[op] += e["dur"]
-        op_count[op] += 1
-        op_kernel.setdefault(op, e["name"][:120] if source == "device" else op_name[-120:])
+        by_op[key] += e["dur"]
+        op_count[key] += 1
+        op_kernel.setdefault(key, e["name"][:120] if source == "device" else op_name[-120:])
         if ops:
             region = op_region(op_name)
             by_region[region] += e["dur"]

@@ -13,9 +13,10 @@ config (docs/benchmarks.md): the LaMemo training step 6% faster at mem_len 64 an
 (the o_net's weight gradient over the memory rows had been the step's two most expensive ops),
 Transformer-XL's 6-10%.
 
-On by default on a CPU only. On a GPU it changed nothing (the wt103 bf16 step on an H200,
-2026-11-27: 82.0 vs 82.3 ms for LaMemo, 56.4 vs 56.0 ms for XL; XLA:GPU runs the batched
-product and its weight gradient as single GEMMs already), so the GPU keeps the plain form.
+On by default on a CPU only. On a GPU it did not change the step time (the wt103 bf16 step on
+an H200, 2026-11-27: 82.0 vs 82.3 ms for LaMemo, 56.4 vs 56.0 ms for XL, within noise; most
+likely XLA:GPU runs the batched product and its weight gradient as single GEMMs already), so
+the GPU keeps the plain form.
 """
 
 from __future__ import annotations

@@ -154,10 +154,29 @@ def test_profile_summary_pairs_cublas_kernels_with_their_calls_in_schedule_order
         {"FFN": 0.1, "q/k/v projections": 0.3, "output layer + loss": 0.5})
     assert {o["op"]: o["launches_per_step"] for o in s["top_ops"]} == {
         "loop_add_fusion": 1, "custom-call.4": 1, "custom-call.2": 1}
-    # a third cuBLAS kernel in a step (e.g. a split-K reduction): no pairing is trusted
+    # the same cuBLAS kernel for several calls: one top_ops entry (under the first call, as a
+    # fusion kernel shared by identical fusions), each call's time in its own region
+    same = [("loop_add_fusion", 100), ("nvjet_sm90_a", 300), ("nvjet_sm90_a", 500)]
+    s = summarize_trace(trace(same + same), n_steps=2, hlo_text=hlo)
+    assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(
+        {"FFN": 0.1, "q/k/v projections": 0.3, "output layer + loss": 0.5})
+    assert {o["op"]: o["launches_per_step"] for o in s["top_ops"]} == {"loop_add_fusion": 1, "custom-call.4": 2}
+    unpaired = {"FFN": 0.1, "unattributed": 0.8}
+    # more cuBLAS kernels than calls in a step: no pairing is trusted
     s = summarize_trace(trace(step + step[:2] + [("nvjet_sm90_c", 50), step[2]]), n_steps=2, hlo_text=hlo)
     assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(
         {"FFN": 0.1, "unattributed": 0.825})
+    # the right total, but one step has an extra kernel and the other misses one: the steps'
+    # kernels differ call by call, so nothing is paired
+    s = summarize_trace(trace(step + [("nvjet_sm90_c", 50)] + step[:2]), n_steps=2, hlo_text=hlo)
+    assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(
+        {"FFN": 0.1, "unattributed": 0.575})
+    assert not any(o["op"].startswith("custom-call") for o in s["top_ops"])
+    # library calls in two computations (e.g. one inside a while loop's body): no order to pair by
+    loop = hlo.replace('  %custom-call.2 =', '}\n%body.3 (q: f32[8]) -> f32[8] {\n  %custom-call.2 =')
+    assert hlo_ops(loop)["custom-call.2"].computation == "body.3"
+    s = summarize_trace(trace(step + step), n_steps=2, hlo_text=loop)
+    assert {r["region"]: r["ms_per_step"] for r in s["by_region"]} == pytest.approx(unpaired)
 
 
 def test_profile_summary_of_a_cpu_trace_by_op_kind_and_model_region():
