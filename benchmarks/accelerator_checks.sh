@@ -33,10 +33,13 @@
 #                 the autotuner picks them (the default) against the library for every product
 #                 (xla_gpu_enable_triton_gemm=False) and the legacy cuBLAS API instead of
 #                 cuBLASLt (xla_gpu_enable_cublaslt=False); XL's default -> gemm/profile.json
+#   kernel_blocks the Pallas kernels at the wt103 step's attention shape (150x150x10x41, bf16,
+#                 batch 64) over a sweep of tiles and Triton warps (--block-sizes), against
+#                 XLA: their backward is what made the Pallas step slower -> kernel_blocks.json
 #   gemm_search   LaMemo with an exhaustive search of Triton tilings (the 41-wide attention
 #                 products; xla_gpu_exhaustive_tiling_search), alone in its process: compare
 #                 with the gemm stage's default on the same machine -> gemm_search/profile.json
-# All stages together need up to ~43 minutes (their limits); a shorter lease runs some of them:
+# All stages together need up to ~47 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
@@ -59,8 +62,9 @@ LIMIT_AL=${LIMIT_AL:-60}
 LIMIT_FORMS=${LIMIT_FORMS:-400}
 LIMIT_GEMM=${LIMIT_GEMM:-420}
 LIMIT_GEMM_SEARCH=${LIMIT_GEMM_SEARCH:-300}
+LIMIT_BLOCKS=${LIMIT_BLOCKS:-240}
 
-STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment forms gemm gemm_search}
+STAGES=${STAGES:-env kernel_tests kernel_bench throughput throughput_chunked output_layer profile alignment forms gemm gemm_search kernel_blocks}
 
 stage() {
   local name=$1 limit=$2 start rc
@@ -109,3 +113,7 @@ stage gemm "$LIMIT_GEMM" "$PY" -m benchmarks.profile_step --config="$CONFIG" --d
 stage gemm_search "$LIMIT_GEMM_SEARCH" "$PY" -m benchmarks.profile_step --config="$CONFIG" \
   --dtype=bfloat16 --variant lamemo_exhaustive:xla_gpu_exhaustive_tiling_search=True \
   --steps="$STEPS" --trace_steps 2 --top 20 --out="$OUT/gemm_search"
+stage kernel_blocks "$LIMIT_BLOCKS" "$PY" -m benchmarks.kernels --configs 150x150x10x41 --dtypes bfloat16 \
+  --batch 64 --iters 20 --block-sizes 64,64,32 --block-sizes 64,64,32,8 --block-sizes 64,64,16 \
+  --block-sizes 64,64,64 --block-sizes 64,64,64,8 --block-sizes 128,64,64,8 --block-sizes 32,32,32 \
+  --json "$OUT/kernel_blocks.json"

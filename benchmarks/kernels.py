@@ -18,6 +18,13 @@ and the Pallas kernel:
 * ``max_rel_err_vs_xla`` (Pallas rows): max over the outputs and all gradients of
   ``max|pallas - xla| / max(1, max|xla|)``, so a fast but wrong kernel shows up in the table.
 
+``--block-sizes q,k,bwd[,warps]`` (repeatable) times the Pallas kernels with those tiles (and
+Triton warps per program) instead of the target's defaults, one Pallas row per set, each with
+its own error against the one XLA row: a tile sweep on a GPU in one process, e.g.
+
+    python -m benchmarks.kernels --configs 150x150x10x41 --dtypes bfloat16 --batch 64 \
+        --block-sizes 64,64,32 --block-sizes 64,64,64 --block-sizes 64,64,64,8
+
 On CPU the Pallas kernels only run in interpret mode, which emulates the kernel grid with XLA
 loops: its numbers say nothing about kernel speed, so on CPU the benchmark is a smoke test (small
 default configs, three iterations) and says so. Results are printed as a table and written as JSON.
@@ -107,7 +114,8 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
     args, extra, kw = make_inputs(kernel, batch, n, m, h, d, dtype)
     fwd, fwd_bwd = _functions(kernel, impl, extra, kw, interpret, block_sizes)
     row = dict(kernel=kernel, impl=impl + ("_interpret" if impl == "pallas" and interpret else ""),
-               N=n, M=m, H=h, Dh=d, batch=batch, dtype=jnp.dtype(dtype).name)
+               N=n, M=m, H=h, Dh=d, batch=batch, dtype=jnp.dtype(dtype).name,
+               blocks=_blocks_label(block_sizes) if impl == "pallas" else None)
     try:
         cf = jax.jit(fwd).lower(*args).compile()
         cb = jax.jit(fwd_bwd).lower(*args).compile()
@@ -121,8 +129,15 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
     return row
 
 
+def _blocks_label(bs: Optional[BlockSizes]) -> str:
+    """'q,k,bwd,warps' of a block-size set ('default': the target's)."""
+    if bs is None:
+        return "default"
+    return f"{bs.block_q},{bs.block_k},{bs.block_bwd},{bs.num_warps}"
+
+
 def print_table(rows: list[dict]) -> None:
-    cols = ["kernel", "impl", "N", "M", "H", "Dh", "batch", "dtype", "fwd_ms", "fwd_bwd_ms",
+    cols = ["kernel", "impl", "blocks", "N", "M", "H", "Dh", "batch", "dtype", "fwd_ms", "fwd_bwd_ms",
             "fwd_bwd_peak_mb", "device_peak_mb", "max_rel_err_vs_xla"]
     fmt = lambda v: "-" if v is None else (
         (f"{v:.2e}" if abs(v) < 0.01 else f"{v:.2f}") if isinstance(v, float) else str(v))
@@ -144,8 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="rel_attention,lookahead")
     p.add_argument("--batch", type=int, default=2 if on_cpu else 8)
     p.add_argument("--iters", type=int, default=3 if on_cpu else 20)
-    p.add_argument("--block-sizes", default=None,
-                   help="block_q,block_k,block_bwd for the Pallas kernels (default: per target)")
+    p.add_argument("--block-sizes", action="append", default=None, metavar="Q,K,BWD[,WARPS]",
+                   help="tiles (and Triton warps) of the Pallas kernels (default: per target); "
+                        "repeat for a sweep: one Pallas row per set")
     p.add_argument("--json", default=None, help="write the results here (JSON)")
     a = p.parse_args(argv)
     configs = [parse_config(c) for c in a.configs.split(",") if c]
@@ -154,7 +170,10 @@ def main(argv=None) -> int:
     for k in kernel_names:
         if k not in ("rel_attention", "lookahead"):
             raise SystemExit(f"--kernels: unknown kernel {k!r}")
-    bs = BlockSizes(*map(int, a.block_sizes.split(","))) if a.block_sizes else None
+    try:
+        block_sets = [BlockSizes.parse(b) for b in a.block_sizes] if a.block_sizes else [None]
+    except ValueError as e:
+        p.error(f"--block-sizes: {e}")
     interpret = on_cpu
     if on_cpu:
         print("NOTE: backend is CPU: the Pallas kernels run in interpret mode (an XLA emulation of "
@@ -167,17 +186,21 @@ def main(argv=None) -> int:
             if kernel == "lookahead" and cfg[1] == 0:
                 continue  # no memory rows to refresh
             for dt in dtypes:
-                pair = [bench_one(kernel, impl, cfg, dt, a.batch, a.iters, interpret, bs)
-                        for impl in ("xla", "pallas")]
-                ref_vals, pal_vals = (r.pop("_values", None) for r in pair)
-                if ref_vals is not None and pal_vals is not None:
-                    # max over outputs and gradients of max|pallas - xla| / max(1, max|xla|)
-                    pair[1]["max_rel_err_vs_xla"] = max(
-                        float(jnp.max(jnp.abs(p.astype(jnp.float32) - x.astype(jnp.float32)))
-                              / max(1.0, float(jnp.max(jnp.abs(x.astype(jnp.float32))))))
-                        for p, x in zip(pal_vals, ref_vals))
-                rows.extend(pair)
-                for r in pair:  # as it goes, so a run cut short still leaves its numbers
+                ref = bench_one(kernel, "xla", cfg, dt, a.batch, a.iters, interpret, None)
+                ref_vals = ref.pop("_values", None)
+                group = [ref]
+                for bs in block_sets:
+                    row = bench_one(kernel, "pallas", cfg, dt, a.batch, a.iters, interpret, bs)
+                    pal_vals = row.pop("_values", None)
+                    if ref_vals is not None and pal_vals is not None:
+                        # max over outputs and gradients of max|pallas - xla| / max(1, max|xla|)
+                        row["max_rel_err_vs_xla"] = max(
+                            float(jnp.max(jnp.abs(p.astype(jnp.float32) - x.astype(jnp.float32)))
+                                  / max(1.0, float(jnp.max(jnp.abs(x.astype(jnp.float32))))))
+                            for p, x in zip(pal_vals, ref_vals))
+                    group.append(row)
+                rows.extend(group)
+                for r in group:  # as it goes, so a run cut short still leaves its numbers
                     print("  " + json.dumps(r), flush=True)
     print_table(rows)
     result = dict(backend=backend, device=jax.devices()[0].device_kind, interpret=interpret,

@@ -75,6 +75,8 @@ class BlockSizes:
     block_k:   keys per forward tile.
     block_bwd: rows = keys per backward tile (square: the position-gradient kernel works per tile
                diagonal, which needs equal row and key blocks).
+    num_warps: warps per program of the compiled GPU (Triton) kernels (1, 2, 4, 8 or 16);
+               ignored in interpret mode and on a TPU.
 
     Every size must be a power of two >= 8. Per target (checked when a kernel is built):
     GPU (Triton) needs >= 16 (``tl.dot`` minimum); compiled TPU (Mosaic) needs ``block_k`` and
@@ -86,12 +88,25 @@ class BlockSizes:
     block_q: int = 128
     block_k: int = 128
     block_bwd: int = 128
+    num_warps: int = 4
 
     def __post_init__(self):
         for f in ("block_q", "block_k", "block_bwd"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 8 or (v & (v - 1)):
                 raise ValueError(f"BlockSizes.{f}={v!r}: must be a power of two >= 8")
+        w = self.num_warps
+        if not isinstance(w, int) or isinstance(w, bool) or w not in (1, 2, 4, 8, 16):
+            raise ValueError(f"BlockSizes.num_warps={w!r}: must be 1, 2, 4, 8 or 16")
+
+    @classmethod
+    def parse(cls, text: str) -> "BlockSizes":
+        """'block_q,block_k,block_bwd[,num_warps]' (a command-line flag's value)."""
+        parts = text.split(",")
+        if len(parts) not in (3, 4) or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"block sizes {text!r}: expected block_q,block_k,block_bwd[,num_warps] "
+                             "as integers, e.g. 64,64,32 or 64,64,64,8")
+        return cls(*(int(p) for p in parts))
 
     @classmethod
     def default(cls, target: str, interpret: bool = False) -> "BlockSizes":
@@ -211,6 +226,7 @@ class Tiling:
     dp: int
     span_f: int
     align: int  # sublane alignment of dynamic R slices (TPU: 8 rows for 32-bit, 16 for 16-bit)
+    num_warps: int  # per program of the compiled Triton kernels
     x: int  # c0 + front_pad + 1: R row (padded coordinates) of the span start is x - bq + j0 - i0
     front: int
     tp: int
@@ -278,7 +294,7 @@ def make_tiling(target: str, interpret: bool, bs: BlockSizes, nq: int, nk: int, 
     tp = max(x - bq + nkp - bk + span_f, x + nkp)
     tp = _round_up(tp, math.lcm(blk, 8))
     return Tiling(target=target, interpret=interpret, bq=bq, bk=bk, blk=blk, nqp=nqp, nkp=nkp,
-                  dp=dp, span_f=span_f, align=align, x=x, front=front, tp=tp)
+                  dp=dp, span_f=span_f, align=align, num_warps=bs.num_warps, x=x, front=front, tp=tp)
 
 
 def pad_positions(r_THD: Array, t: Tiling) -> Array:
@@ -456,7 +472,7 @@ def _compiler_params(t: Tiling, n_grid: int):
     if t.interpret:
         return None
     if t.target == "gpu":
-        return plgpu.CompilerParams(num_warps=4, num_stages=1)
+        return plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1)
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid)
 
 

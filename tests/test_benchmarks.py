@@ -287,3 +287,17 @@ def test_profile_step_passes_xla_options_per_variant(tmp_path, capsys):
     assert rows["o"]["compiler_options"] == {"xla_cpu_enable_fast_math": False} and rows["o"]["step_ms"] > 0
     assert "xla_no_such_option" in rows["bad"]["error"] and "step_ms" not in rows["bad"]
     assert "== bad: failed" in capsys.readouterr().out
+
+
+def test_kernel_benchmark_sweeps_block_sizes(tmp_path, capsys):
+    # one XLA row and one Pallas row per --block-sizes set, each labelled and checked against XLA
+    from benchmarks import kernels as bench_kernels
+    rc = bench_kernels.main(["--configs=16x24x2x16", "--kernels=rel_attention", "--iters=1",
+                             "--block-sizes=8,8,8", "--block-sizes=16,16,16,8", f"--json={tmp_path / 'k.json'}"])
+    rows = json.load(open(tmp_path / "k.json"))["rows"]
+    assert rc == 0 and [(r["impl"], r["blocks"]) for r in rows] == [
+        ("xla", None), ("pallas_interpret", "8,8,8,4"), ("pallas_interpret", "16,16,16,8")]
+    assert all(r["max_rel_err_vs_xla"] < 1e-5 and r["fwd_bwd_ms"] > 0 for r in rows[1:])
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--block-sizes=64,64"])
+    assert "block_q,block_k,block_bwd" in capsys.readouterr().err

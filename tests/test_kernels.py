@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import sys
 import os
 from pathlib import Path
@@ -279,6 +280,32 @@ def test_block_sizes_validation():
         flash.make_tiling("gpu", False, BlockSizes(8, 64, 64), 64, 64, 63, 64, jnp.float32)
     with pytest.raises(dataclasses.FrozenInstanceError):
         BlockSizes().block_q = 16  # type: ignore[misc]
+    # Triton warps per program: a tuning knob of the compiled GPU kernels, 4 unless set
+    assert BlockSizes().num_warps == 4 and BlockSizes.default("gpu") == BlockSizes(64, 64, 32, 4)
+    for bad in (0, 3, 32, True, 4.0):
+        with pytest.raises(ValueError, match="num_warps"):
+            BlockSizes(num_warps=bad)
+    assert BlockSizes.parse("64,64,32") == BlockSizes(64, 64, 32)
+    assert BlockSizes.parse("64,32,32,8") == BlockSizes(64, 32, 32, 8)
+    for bad in ("64,64", "64,64,32,8,1", "a,64,32", "64,64,-32"):
+        with pytest.raises(ValueError, match="block_q,block_k,block_bwd"):
+            BlockSizes.parse(bad)
+
+
+@pytest.mark.parametrize("warps", [2, 8])
+def test_num_warps_reaches_the_triton_kernels(warps):
+    """The lowered Triton calls (forward and every backward kernel) carry the asked warps."""
+    args, key_start = _rel_inputs(2, 16, 16, 2, 16, (16, 5), None)
+
+    def loss(*a):
+        out, lse = rel_attention_pallas(*a, key_start, scale=0.25, target="gpu", interpret=False,
+                                        block_sizes=BlockSizes(16, 16, 16, warps))
+        return jnp.sum(out * out) + jnp.sum(lse)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    found = re.findall(r"num_warps = (\d+)", text)
+    assert len(found) >= 4 and set(found) == {str(warps)}
 
 
 def test_dispatcher(monkeypatch):
