@@ -33,12 +33,12 @@
 #                 the autotuner picks them (the default) against the library for every product
 #                 (xla_gpu_enable_triton_gemm=False) and the legacy cuBLAS API instead of
 #                 cuBLASLt (xla_gpu_enable_cublaslt=False); XL's default -> gemm/profile.json
-#   kernel_blocks the Pallas kernels at the wt103 step's attention shape (150x150x10x41, bf16,
-#                 batch 64) over a sweep of tiles and Triton warps (--block-sizes), against
-#                 XLA: their backward is what made the Pallas step slower -> kernel_blocks.json
 #   gemm_search   LaMemo with an exhaustive search of Triton tilings (the 41-wide attention
 #                 products; xla_gpu_exhaustive_tiling_search), alone in its process: compare
 #                 with the gemm stage's default on the same machine -> gemm_search/profile.json
+#   kernel_blocks the Pallas kernels at the wt103 step's attention shape (150x150x10x41, bf16,
+#                 batch 64) over a sweep of tiles and Triton warps (--block-sizes), against
+#                 XLA: their backward is what made the Pallas step slower -> kernel_blocks.json
 # All stages together need up to ~47 minutes (their limits); a shorter lease runs some of them:
 # STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).

@@ -20,7 +20,8 @@ and the Pallas kernel:
 
 ``--block-sizes q,k,bwd[,warps]`` (repeatable) times the Pallas kernels with those tiles (and
 Triton warps per program) instead of the target's defaults, one Pallas row per set, each with
-its own error against the one XLA row: a tile sweep on a GPU in one process, e.g.
+its own error against the one XLA row: a tile sweep on a GPU in one process (``device_peak_mb``
+is the process's running peak, so in a sweep it only grows from row to row), e.g.
 
     python -m benchmarks.kernels --configs 150x150x10x41 --dtypes bfloat16 --batch 64 \
         --block-sizes 64,64,32 --block-sizes 64,64,64 --block-sizes 64,64,64,8
@@ -46,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import BlockSizes
+from kernels._relpos_flash import resolve_target
 from kernels.lookahead import lookahead_pallas, lookahead_reference
 from kernels.rel_attention import rel_attention_pallas, rel_attention_reference
 from benchmarks.memory import compiled_mb, device_peak_mb
@@ -115,7 +117,7 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
     fwd, fwd_bwd = _functions(kernel, impl, extra, kw, interpret, block_sizes)
     row = dict(kernel=kernel, impl=impl + ("_interpret" if impl == "pallas" and interpret else ""),
                N=n, M=m, H=h, Dh=d, batch=batch, dtype=jnp.dtype(dtype).name,
-               blocks=_blocks_label(block_sizes) if impl == "pallas" else None)
+               blocks=_blocks_label(block_sizes, interpret) if impl == "pallas" else None)
     try:
         cf = jax.jit(fwd).lower(*args).compile()
         cb = jax.jit(fwd_bwd).lower(*args).compile()
@@ -129,10 +131,10 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
     return row
 
 
-def _blocks_label(bs: Optional[BlockSizes]) -> str:
-    """'q,k,bwd,warps' of a block-size set ('default': the target's)."""
+def _blocks_label(bs: Optional[BlockSizes], interpret: bool) -> str:
+    """'q,k,bwd,warps' of a block-size set (None: the target's defaults, which the kernels use)."""
     if bs is None:
-        return "default"
+        bs = BlockSizes.default(resolve_target(None, interpret), interpret)
     return f"{bs.block_q},{bs.block_k},{bs.block_bwd},{bs.num_warps}"
 
 
@@ -188,7 +190,8 @@ def main(argv=None) -> int:
             for dt in dtypes:
                 ref = bench_one(kernel, "xla", cfg, dt, a.batch, a.iters, interpret, None)
                 ref_vals = ref.pop("_values", None)
-                group = [ref]
+                rows.append(ref)
+                print("  " + json.dumps(ref), flush=True)  # as it goes: a run cut short keeps it
                 for bs in block_sets:
                     row = bench_one(kernel, "pallas", cfg, dt, a.batch, a.iters, interpret, bs)
                     pal_vals = row.pop("_values", None)
@@ -198,10 +201,8 @@ def main(argv=None) -> int:
                             float(jnp.max(jnp.abs(p.astype(jnp.float32) - x.astype(jnp.float32)))
                                   / max(1.0, float(jnp.max(jnp.abs(x.astype(jnp.float32))))))
                             for p, x in zip(pal_vals, ref_vals))
-                    group.append(row)
-                rows.extend(group)
-                for r in group:  # as it goes, so a run cut short still leaves its numbers
-                    print("  " + json.dumps(r), flush=True)
+                    rows.append(row)
+                    print("  " + json.dumps(row), flush=True)
     print_table(rows)
     result = dict(backend=backend, device=jax.devices()[0].device_kind, interpret=interpret,
                   smoke_test=on_cpu, iters=a.iters, rows=rows)

@@ -103,7 +103,8 @@ class BlockSizes:
     def parse(cls, text: str) -> "BlockSizes":
         """'block_q,block_k,block_bwd[,num_warps]' (a command-line flag's value)."""
         parts = text.split(",")
-        if len(parts) not in (3, 4) or not all(p.strip().isdigit() for p in parts):
+        if len(parts) not in (3, 4) or not all(p.strip().isdecimal() and p.strip().isascii()
+                                                for p in parts):
             raise ValueError(f"block sizes {text!r}: expected block_q,block_k,block_bwd[,num_warps] "
                              "as integers, e.g. 64,64,32 or 64,64,64,8")
         return cls(*(int(p) for p in parts))

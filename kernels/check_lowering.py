@@ -58,7 +58,7 @@ class Case:
                  else ("causal" if self.causal else "full"))
         bs = "" if self.block_sizes is None else (
             f" blocks={self.block_sizes.block_q}/{self.block_sizes.block_k}/"
-            f"{self.block_sizes.block_bwd}")
+            f"{self.block_sizes.block_bwd} warps={self.block_sizes.num_warps}")
         return (f"{self.kernel:13s} N={self.n:<4d} M={self.m:<4d} ({rel}) H={self.heads} "
                 f"D={self.d_head} {self.dtype:8s} {extra}{bs}")
 

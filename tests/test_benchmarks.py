@@ -289,15 +289,36 @@ def test_profile_step_passes_xla_options_per_variant(tmp_path, capsys):
     assert "== bad: failed" in capsys.readouterr().out
 
 
-def test_kernel_benchmark_sweeps_block_sizes(tmp_path, capsys):
-    # one XLA row and one Pallas row per --block-sizes set, each labelled and checked against XLA
+def test_kernel_benchmark_sweeps_block_sizes(tmp_path, capsys, monkeypatch):
+    # one XLA row and one Pallas row per --block-sizes set, each labelled, run with its own blocks
+    # and checked against XLA; a set that fails leaves an error row, the others are kept
     from benchmarks import kernels as bench_kernels
+    import kernels._relpos_flash as flash
+    used, make_tiling = [], flash.make_tiling
+    monkeypatch.setattr(flash, "make_tiling", lambda target, interpret, bs, *a: (
+        used.append(bs), make_tiling(target, interpret, bs, *a))[1])
+    pallas = bench_kernels.rel_attention_pallas
+
+    def failing_at_16_warps(*a, block_sizes=None, **kw):
+        if block_sizes is not None and block_sizes.num_warps == 16:
+            raise RuntimeError("too many warps for this test")
+        return pallas(*a, block_sizes=block_sizes, **kw)
+
+    monkeypatch.setattr(bench_kernels, "rel_attention_pallas", failing_at_16_warps)
     rc = bench_kernels.main(["--configs=16x24x2x16", "--kernels=rel_attention", "--iters=1",
-                             "--block-sizes=8,8,8", "--block-sizes=16,16,16,8", f"--json={tmp_path / 'k.json'}"])
+                             "--block-sizes=8,8,8", "--block-sizes=16,16,16,8",
+                             "--block-sizes=16,16,16,16", f"--json={tmp_path / 'k.json'}"])
     rows = json.load(open(tmp_path / "k.json"))["rows"]
-    assert rc == 0 and [(r["impl"], r["blocks"]) for r in rows] == [
-        ("xla", None), ("pallas_interpret", "8,8,8,4"), ("pallas_interpret", "16,16,16,8")]
-    assert all(r["max_rel_err_vs_xla"] < 1e-5 and r["fwd_bwd_ms"] > 0 for r in rows[1:])
+    assert rc == 1 and [(r["impl"], r["blocks"]) for r in rows] == [
+        ("xla", None), ("pallas_interpret", "8,8,8,4"), ("pallas_interpret", "16,16,16,8"),
+        ("pallas_interpret", "16,16,16,16")]
+    assert {(b.block_q, b.num_warps) for b in used} == {(8, 4), (16, 8)}
+    assert all(r["max_rel_err_vs_xla"] < 1e-5 and r["fwd_bwd_ms"] > 0 for r in rows[1:3])
+    assert "too many warps" in rows[3]["error"] and "max_rel_err_vs_xla" not in rows[3]
+    # without --block-sizes the row names the blocks the kernels got (interpret mode's defaults)
+    monkeypatch.setattr(bench_kernels, "rel_attention_pallas", pallas)
+    assert bench_kernels.main(["--configs=16x24x2x16", "--kernels=rel_attention", "--iters=1"]) == 0
+    assert '"blocks": "128,128,128,4"' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_kernels.main(["--block-sizes=64,64"])
     assert "block_q,block_k,block_bwd" in capsys.readouterr().err

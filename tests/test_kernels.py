@@ -59,7 +59,8 @@ def _pallas_mode(target: str, bs: BlockSizes) -> dict:
         return dict(interpret=True, target=target, block_sizes=bs)
     up = lambda v: max(v, 16)
     return dict(interpret=False, target="gpu",
-                block_sizes=BlockSizes(up(bs.block_q), up(bs.block_k), up(bs.block_bwd)))
+                block_sizes=dataclasses.replace(bs, block_q=up(bs.block_q), block_k=up(bs.block_k),
+                                                block_bwd=up(bs.block_bwd)))
 
 
 F32_TOL = 1e-5  # absolute
@@ -287,25 +288,34 @@ def test_block_sizes_validation():
             BlockSizes(num_warps=bad)
     assert BlockSizes.parse("64,64,32") == BlockSizes(64, 64, 32)
     assert BlockSizes.parse("64,32,32,8") == BlockSizes(64, 32, 32, 8)
-    for bad in ("64,64", "64,64,32,8,1", "a,64,32", "64,64,-32"):
+    for bad in ("64,64", "64,64,32,8,1", "a,64,32", "64,64,-32", "\u00b2,64,32", "64,,32"):
         with pytest.raises(ValueError, match="block_q,block_k,block_bwd"):
             BlockSizes.parse(bad)
+    with pytest.raises(ValueError, match="power of two"):  # well-formed, then validated
+        BlockSizes.parse("64,64,48")
 
 
+@pytest.mark.parametrize("kind", ["rel", "lookahead"])
 @pytest.mark.parametrize("warps", [2, 8])
-def test_num_warps_reaches_the_triton_kernels(warps):
-    """The lowered Triton calls (forward and every backward kernel) carry the asked warps."""
-    args, key_start = _rel_inputs(2, 16, 16, 2, 16, (16, 5), None)
+def test_num_warps_reaches_the_triton_kernels(kind, warps):
+    """The lowered Triton calls (forward, row term, dQ, dK/dV, dR) carry the asked warps."""
+    bs = BlockSizes(16, 16, 16, warps)
+    if kind == "rel":
+        args, extra = _rel_inputs(2, 16, 16, 2, 16, (16, 5), None)
+        call = lambda *a: rel_attention_pallas(*a, extra, scale=0.25, target="gpu", interpret=False,
+                                               block_sizes=bs)
+    else:
+        args, extra, r_offset = _lookahead_inputs(2, 16, 16, 2, 16, (16, 5), None, True)
+        call = lambda *a: lookahead_pallas(*a, extra, r_offset=r_offset, scale=0.25, target="gpu",
+                                           interpret=False, block_sizes=bs)
 
     def loss(*a):
-        out, lse = rel_attention_pallas(*a, key_start, scale=0.25, target="gpu", interpret=False,
-                                        block_sizes=BlockSizes(16, 16, 16, warps))
+        out, lse = call(*a)
         return jnp.sum(out * out) + jnp.sum(lse)
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
-    found = re.findall(r"num_warps = (\d+)", text)
-    assert len(found) >= 4 and set(found) == {str(warps)}
+    assert re.findall(r"num_warps = (\d+)", text) == [str(warps)] * 5
 
 
 def test_dispatcher(monkeypatch):
