@@ -42,7 +42,7 @@
 # All stages together need up to ~47 minutes (their limits); a shorter lease runs some of them
 # (a 15-minute lease, machine start included: kernel_blocks and gemm, the open measurements; a
 # wt103 step variant costs ~1 minute to compile, time and trace on an H200):
-# STAGES="output_layer profile" benchmarks/accelerator_checks.sh OUT
+# STAGES="kernel_blocks gemm" benchmarks/accelerator_checks.sh OUT
 # (with the machine's own jax; carry the ml_collections wheel, the one package its image lacks).
 # Results are recorded in docs/benchmarks.md.
 set -u
