@@ -131,6 +131,13 @@ def bench_one(kernel, impl, cfg, dtype, batch, iters, interpret, block_sizes) ->
     return row
 
 
+def _max_rel_err(got: list, ref: list) -> float:
+    """Max over the arrays of max|got - ref| / max(1, max|ref|), in float32."""
+    return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
+                     / max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32))))))
+               for g, r in zip(got, ref))
+
+
 def _blocks_label(bs: Optional[BlockSizes], interpret: bool) -> str:
     """'q,k,bwd,warps' of a block-size set (None: the target's defaults, which the kernels use)."""
     if bs is None:
@@ -195,12 +202,8 @@ def main(argv=None) -> int:
                 for bs in block_sets:
                     row = bench_one(kernel, "pallas", cfg, dt, a.batch, a.iters, interpret, bs)
                     pal_vals = row.pop("_values", None)
-                    if ref_vals is not None and pal_vals is not None:
-                        # max over outputs and gradients of max|pallas - xla| / max(1, max|xla|)
-                        row["max_rel_err_vs_xla"] = max(
-                            float(jnp.max(jnp.abs(p.astype(jnp.float32) - x.astype(jnp.float32)))
-                                  / max(1.0, float(jnp.max(jnp.abs(x.astype(jnp.float32))))))
-                            for p, x in zip(pal_vals, ref_vals))
+                    if ref_vals is not None and pal_vals is not None:  # outputs and gradients
+                        row["max_rel_err_vs_xla"] = _max_rel_err(pal_vals, ref_vals)
                     rows.append(row)
                     print("  " + json.dumps(row), flush=True)
     print_table(rows)

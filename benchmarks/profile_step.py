@@ -173,17 +173,14 @@ def hlo_ops(hlo_text: str) -> dict:
             for name, (opcode, op_name, calls, comp, pos, target) in ops.items()}
 
 
-def _library_calls(ops: dict) -> tuple[list, int]:
-    """(the library custom-calls (``LIBRARY_TARGETS``) of the module's computation that holds
-    most of them, in schedule order; how many the module has in all)."""
-    calls = collections.defaultdict(list)
-    for name, op in ops.items():
-        if op.opcode == "custom-call" and any(t in op.target.lower() for t in LIBRARY_TARGETS):
-            calls[op.computation].append((op.position, name))
-    if not calls:
-        return [], 0
-    main = max(calls.values(), key=len)
-    return [name for _, name in sorted(main)], sum(len(v) for v in calls.values())
+def _library_calls(ops: dict) -> list:
+    """The module's library custom-calls (``LIBRARY_TARGETS``) in schedule order, when they are
+    all in one computation (else none: calls in a loop body have no single order to pair by)."""
+    calls = [(op.position, name, op.computation) for name, op in ops.items()
+             if op.opcode == "custom-call" and any(t in op.target.lower() for t in LIBRARY_TARGETS)]
+    if len({comp for _, _, comp in calls}) != 1:
+        return []
+    return [name for _, name, _ in sorted(calls)]
 
 
 def _host_op_kind(name: str, op: HloOp) -> str:
@@ -211,10 +208,10 @@ def _pair_library_kernels(kernels: list, kernel_ops: list, ops: dict, n_steps: i
     are in one computation, there is one such kernel per call and step, and every step runs the
     same kernel for the same call (an extra kernel in one step and a missing one in another
     would otherwise shift the pairing silently)."""
-    calls, n_calls = _library_calls(ops)
+    calls = _library_calls(ops)
     library = [i for i, (e, op) in enumerate(zip(kernels, kernel_ops))
                if op not in ops and kernel_kind(e["name"]) == "matmul"]
-    if not calls or len(calls) != n_calls or len(library) != n_steps * len(calls):
+    if not calls or len(library) != n_steps * len(calls):
         return {}
     names = [kernels[i]["name"] for i in library]
     if any(names[j] != names[j % len(calls)] for j in range(len(names))):
@@ -289,9 +286,9 @@ def summarize_trace(trace: dict, n_steps: int, top: int = 25, hlo_text: str | No
     if source == "device" and ops:
         pairs = _pair_library_kernels(kernels, kernel_ops, ops, n_steps)
         first_call = {}  # like a shared fusion kernel, a cuBLAS kernel counts to its first op
-        for i in sorted(pairs):
-            kernel_ops[i] = pairs[i]
-            top_keys[i] = first_call.setdefault(kernels[i]["name"], pairs[i])
+        for i, call in pairs.items():  # in time order
+            kernel_ops[i] = call
+            top_keys[i] = first_call.setdefault(kernels[i]["name"], call)
     for e, op, key in zip(kernels, kernel_ops, top_keys):
         hlo_op = ops.get(op, HloOp("", "", False))
         op_name = hlo_op.op_name
@@ -465,8 +462,9 @@ def main(argv=None) -> int:
     peak = device_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config "
           f"{args.config or 'benchmarks.throughput (CPU)'}, batch {batch}, {dtype}", flush=True)
-    timers = time_interleaved([v[1] for v in variants], batch, args.steps,
-                              setups=[v[2] for v in variants], compiler_options=[v[3] for v in variants])
+    _, cfgs, setups, options_per_variant = zip(*variants)
+    timers = time_interleaved(list(cfgs), batch, args.steps, setups=list(setups),
+                              compiler_options=list(options_per_variant))
     rows = []
     for (name, cfg, _, options), timer in zip(variants, timers):
         if isinstance(timer, Exception):
