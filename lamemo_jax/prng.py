@@ -62,31 +62,48 @@ def _threefry_key_words(key):
     return words[0], words[1]
 
 
-def _flat_index(shape) -> jax.Array:
-    """uint32 [shape]: the row-major flat index, as a sum of per-axis iotas (like jax's
+def _flat_index(shape, full_shape=None, start=None) -> jax.Array:
+    """uint32 [shape]: the row-major flat index (in ``full_shape``, default ``shape``, of the
+    block of ``shape`` that begins at ``start``), as a sum of per-axis iotas (like jax's
     ``iota_2x32_shape``) so that the SPMD partitioner builds only each device's slice of it."""
+    full_shape = shape if full_shape is None else full_shape
+    start = (0,) * len(shape) if start is None else start
     idx = jnp.zeros(shape, np.uint32)
     stride = 1
     for axis in reversed(range(len(shape))):
-        idx = idx + lax.broadcasted_iota(np.uint32, shape, axis) * np.uint32(stride)
-        stride *= shape[axis]
+        idx = idx + (lax.broadcasted_iota(np.uint32, shape, axis) + np.uint32(start[axis])) * np.uint32(stride)
+        stride *= full_shape[axis]
     return idx
 
 
 def bernoulli(key, p: float, shape: Sequence[int]) -> jax.Array:
     """Boolean [shape] with P(True) = p: equal to ``jax.random.bernoulli(key, p, shape)``."""
+    return bernoulli_block(key, p, shape, (0,) * len(shape), shape)
+
+
+def bernoulli_block(key, p: float, shape: Sequence[int], start: Sequence[int],
+                    size: Sequence[int]) -> jax.Array:
+    """Boolean [size]: the block of ``bernoulli(key, p, shape)`` that begins at ``start``
+    (``lax.slice(bernoulli(key, p, shape), start, start + size)``), hashing only the block's
+    elements, so a computation on part of the rows draws exactly the masks those rows would have
+    had in the whole computation."""
     try:
         shape = tuple(int(s) for s in shape)
+        start, size = tuple(int(s) for s in start), tuple(int(s) for s in size)
     except TypeError:  # symbolic (shape-polymorphic) dimensions
-        return jax.random.bernoulli(key, p, shape)
+        return _sliced(jax.random.bernoulli(key, p, shape), start, size)
+    if not len(shape) == len(start) == len(size) or any(
+            a < 0 or z < 0 or a + z > s for s, a, z in zip(shape, start, size)):
+        raise ValueError(f"bernoulli_block: the block at {start} of size {size} is not inside "
+                         f"the shape {shape}")
     n = math.prod(shape)
     dtype = jnp.dtype(lax.dtype(p))  # as jax: float32, or float64 under jax_enable_x64
     words = _threefry_key_words(key)
     if (words is None or not jax.config.jax_threefry_partitionable or n == 0 or n >= 2**32
             or jnp.shape(p) != () or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))):
-        return jax.random.bernoulli(key, p, shape)
+        return _sliced(jax.random.bernoulli(key, p, shape), start, size)
     # the partitionable counters: the row-major flat index as (high, low) 32-bit words
-    b1, b2 = threefry2x32(words[0], words[1], jnp.zeros(shape, np.uint32), _flat_index(shape))
+    b1, b2 = threefry2x32(words[0], words[1], jnp.zeros(size, np.uint32), _flat_index(size, shape, start))
     finfo = jnp.finfo(dtype)
     if dtype == jnp.float32:
         bits, one = b1 ^ b2, np.array(1.0, np.float32).view(np.uint32)
@@ -96,3 +113,9 @@ def bernoulli(key, p: float, shape: Sequence[int]) -> jax.Array:
     ubits = bits >> np.array(finfo.bits - finfo.nmant, bits.dtype)
     u = lax.bitcast_convert_type(ubits | one, dtype) - jnp.array(1.0, dtype)
     return jnp.maximum(jnp.array(0.0, dtype), u) < jnp.asarray(p, dtype)
+
+
+def _sliced(x, start, size):
+    if tuple(start) == (0,) * x.ndim and tuple(size) == x.shape:
+        return x
+    return lax.slice(x, tuple(start), tuple(a + z for a, z in zip(start, size)))

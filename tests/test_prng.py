@@ -65,3 +65,26 @@ def test_array_p_and_strict_legacy_keys_behave_as_jax():
         prng.bernoulli(key, jnp.ones((3,)) * 0.5, (5, 7))
     with jax.legacy_prng_key("error"), pytest.raises(Exception, match="[Ll]egacy"):
         prng.bernoulli(jax.random.PRNGKey(0), 0.5, (4,))
+
+
+@pytest.mark.parametrize("shape,start,size", [((8, 64, 128), (0, 16, 0), (8, 48, 128)),
+                                              ((2, 7, 5), (1, 2, 3), (1, 4, 2)),
+                                              ((3, 5), (0, 0), (3, 5)), ((6, 9), (2, 9), (4, 0))])
+def test_block_is_the_slice_of_the_whole_mask_bit_for_bit(shape, start, size):
+    """bernoulli_block draws exactly the block's bits of the whole mask (what the model's last
+    layer uses for the FFN dropout of the current rows alone), with both probability widths and
+    with a key of another implementation (jax's own slice)."""
+    limit = tuple(a + z for a, z in zip(start, size))
+    for key in (jax.random.key(3), jax.random.PRNGKey(8), jax.random.key(4, impl="rbg")):
+        for p in (0.9, np.float32(0.9), np.float32(0.3)):
+            block = jax.jit(lambda k: prng.bernoulli_block(k, p, shape, start, size))(key)
+            whole = jax.random.bernoulli(key, p, shape)
+            assert block.shape == size
+            np.testing.assert_array_equal(np.asarray(block), np.asarray(whole)[tuple(map(slice, start, limit))])
+
+
+def test_block_outside_the_shape_is_an_error():
+    with pytest.raises(ValueError, match=r"not inside the shape \(4, 6\)"):
+        prng.bernoulli_block(jax.random.key(0), 0.5, (4, 6), (0, 3), (4, 4))
+    with pytest.raises(ValueError, match="not inside"):
+        prng.bernoulli_block(jax.random.key(0), 0.5, (4, 6), (0,), (4,))
