@@ -222,7 +222,7 @@ def test_profile_summary_of_a_cpu_trace_by_op_kind_and_model_region():
 
 def test_profile_step_and_output_layer_run_on_cpu(tmp_path, capsys):
     from benchmarks import output_layer, profile_step
-    small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=4"
+    small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=6"
     rc = profile_step.main(["--config=configs/tiny.py", "--dtype=float32", "--batch=2", "--steps=2",
                             "--trace_steps=1", f"--variant=a:{small}", f"--variant=x:{small},memory=xl",
                             f"--variant=b:{small},batched_positions=True,one_pass_softmax=True,narrow_band=False,flat_rows=False", "--keep=a", f"--out={tmp_path}"])
@@ -235,6 +235,7 @@ def test_profile_step_and_output_layer_run_on_cpu(tmp_path, capsys):
     for row in out["rows"]:  # XLA:CPU: the ops from the host events, both attentions found by scope
         regions = {r["region"] for r in row["profile"]["by_region"]}
         assert row["profile"]["source"] == "host ops (XLA:CPU)" and "attention (current rows)" in regions
+        # (mem_len > tgt_len: the one layer's look-ahead writes rows the cache keeps)
         assert ("look-ahead (memory rows)" in regions) == (row["variant"] != "x")
     summary = capsys.readouterr().out
     assert "by model region" in summary
@@ -277,7 +278,7 @@ def test_profile_step_passes_xla_options_per_variant(tmp_path, capsys):
     # fields named xla_... are compiler options of that variant's compile alone: a known one compiles
     # and is recorded, an unknown one fails its variant (named in the error) and not the others
     from benchmarks import profile_step
-    small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=4"
+    small = "n_layer=1,d_model=16,n_head=2,d_head=8,d_inner=32,n_token=50,tgt_len=4,mem_len=6"
     rc = profile_step.main(["--config=configs/tiny.py", "--dtype=float32", "--batch=2", "--steps=2",
                             "--trace_steps=1", f"--variant=a:{small}",
                             f"--variant=o:{small},xla_cpu_enable_fast_math=False",

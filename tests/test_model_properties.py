@@ -574,3 +574,41 @@ def test_flat_dense_products_give_the_same_loss_and_gradients(memory, train):
     assert abs(float(l0) - float(l1)) <= 1e-12 * abs(float(l0))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-12, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("mem_len,n_layer,lookahead", [(10, 2, "disentangled"), (4, 3, "disentangled"),
+                                                       (6, 2, "full"), (9, 1, "signed")])
+def test_last_layer_without_memory_rows_is_the_whole_computation(monkeypatch, mem_len, n_layer, lookahead):
+    """LaMemo's last layer leaves out the memory rows' o_net / LayerNorm / FFN (nothing reads
+    them) and its look-ahead gets no backward. Against the whole computation (every layer on all
+    rows, as the original): the same NLL, new memory and parameter gradients over three segments
+    in train mode with dropout, i.e. also the same dropout masks on the rows that remain."""
+    import lamemo_jax.model as model_lib
+
+    cfg = small_cfg(mem_len=mem_len, n_layer=n_layer, lookahead=lookahead, dropout=0.1)
+    params = perturbed_params(cfg)
+    tokens = np.random.default_rng(3).integers(0, cfg.n_token, (2, 3 * cfg.tgt_len + 1)).astype(np.int32)
+
+    def run():
+        def segment_loss(p, mem, s):
+            n = cfg.tgt_len
+            inputs = jax.lax.dynamic_slice_in_dim(tokens, s * n, n, axis=1)
+            targets = jax.lax.dynamic_slice_in_dim(tokens, s * n + 1, n, axis=1)
+            out, new_mem = lamemo_jax.apply(cfg, p, inputs, mem, targets=targets, train=True,
+                                            rng=jax.random.fold_in(jax.random.key(11), s))
+            return out.nll.sum(), (out.nll, new_mem)
+        step = jax.jit(jax.grad(segment_loss, has_aux=True))
+        mem, nlls, grads = lamemo_jax.init_memory(cfg, 2), [], []
+        for s in range(3):
+            g, (nll, mem) = step(params, mem, s)
+            nlls.append(nll)
+            grads.append(g)
+        return nlls, mem, grads
+
+    skipped = run()
+    whole_layer = model_lib.DecoderLayer
+    monkeypatch.setattr(model_lib, "DecoderLayer", lambda cfg, memory_rows_out, name: whole_layer(
+        cfg, memory_rows_out=True, name=name))
+    whole = run()
+    for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
