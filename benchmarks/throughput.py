@@ -12,8 +12,8 @@ For each (memory, mem_len): the median step time over ``--steps`` training steps
 (Adam, dropout 0.1; the variants of one mem_len run their steps in interleaved rounds, so a slow
 phase of a shared machine slows them alike and their ratios hold), evaluation tokens/s, model
 FLOPs per step (lamemo_jax.flops: the products the method needs; beside them the products the
-compiled step runs, ``compiled_matmul_flops_per_step``, and the original code's count,
-``original_count_flops_per_step``), achieved FLOP/s (and MFU on a known accelerator), the compiled
+compiled step runs, ``compiled_matmul_flops_per_step``, summed over the devices and without
+those inside Pallas kernels, and the original code's count, ``original_count_flops_per_step``), achieved FLOP/s (and MFU on a known accelerator), the compiled
 train step's memory (``train_step_mb``: arguments + outputs + temporaries of that variant's
 executable) and, process-wide so far, peak host RSS and peak device memory. Writes
 ``throughput.json`` and ``throughput.png`` (step time vs mem_len), prints a table, and checks the
@@ -277,7 +277,9 @@ def main(argv=None) -> int:
             row = {**head, "step_ms": med * 1e3, "step_ms_p10": p10 * 1e3,
                    "step_ms_p90": p90 * 1e3, "train_tokens_per_sec": args.batch * args.tgt_len / med,
                    "eval_tokens_per_sec": eval_tps, "train_flops_per_step": flops,
-                   "compiled_matmul_flops_per_step": compiled_matmul_flops(timer.step.as_text()),
+                   # an SPMD module holds one device's products: times the devices
+                   "compiled_matmul_flops_per_step": (compiled_matmul_flops(timer.step.as_text())
+                                                      * (mesh.size if mesh is not None else 1)),
                    "original_count_flops_per_step": train_step_flops(cfg, args.batch, as_original=True),
                    "eval_flops_per_token": forward_flops(cfg, 1) / args.tgt_len,
                    "achieved_tflops": flops / med / 1e12,

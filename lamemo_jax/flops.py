@@ -5,7 +5,9 @@ Transformer-XL projects queries for the current rows only and keys/values for al
 LaMemo recomputes the layers on the memory rows too (q/k/v on all K rows, o_net and FFN on the
 memory rows of every layer but the last) and adds the look-ahead over the M x min(M, N) band.
 The position vectors (r_net of the K past, and for LaMemo M future, distances) are one product
-per layer, shared by the batch. Elementwise work is not counted.
+per layer, shared by the batch. The adaptive input's projections and the (adaptive) softmax are
+counted as this implementation runs them, every cluster for every token. Elementwise work is
+not counted.
 
 A train step is the forward plus, for every product the loss's gradient passes through, twice
 its forward (input and weight gradients); the position vectors project constant sinusoids, so
@@ -13,9 +15,8 @@ they add only their weight gradient. LaMemo's last layer: nothing reads its memo
 (no o_net / FFN on them, see ``model.DecoderLayer``), and its look-ahead only writes the
 stop-gradient cache (no backward); with M <= N the cache keeps none of the refreshed rows, so
 the look-ahead itself goes. ``compiled_matmul_flops`` counts what a compiled step runs: equal to
-this count for Transformer-XL, within 1% above it for LaMemo at the benchmark config (zero
-cotangents of the last layer's future position rows and the narrow band's extra position rows),
-tested in tests/test_flops.py.
+this count for Transformer-XL, within 1% above it for LaMemo at the benchmark config (the extra
+position rows of the CPU's 16-row look-ahead band), tested in tests/test_flops.py.
 
 The original PyTorch code computes the last layer's memory rows and the look-ahead's backward
 anyway; ``as_original=True`` counts its arithmetic. At the benchmark config (benchmarks.throughput)
@@ -57,6 +58,15 @@ def softmax_flops(cfg: ModelConfig, n_rows: int) -> float:
         has_proj = cfg.div_val > 1 or cfg.d_embed_ != cfg.d_model
         total += (2 * d * di if has_proj else 0) + 2 * di * size
     return n_rows * total
+
+
+def embedding_flops(cfg: ModelConfig, n_rows: int) -> float:
+    """Input layer FLOPs for n_rows tokens: the adaptive embedding's projections to d_model (none
+    for a plain table). Each cluster's projection runs on every token (a select keeps the token's
+    own cluster), as ``AdaptiveEmbedding`` computes it."""
+    if cfg.div_val == 1:
+        return n_rows * 2 * cfg.d_embed_ * cfg.d_model if cfg.d_embed_ != cfg.d_model else 0
+    return n_rows * sum(2 * di * cfg.d_model for di in cluster_dims(cfg))
 
 
 def _layer_flops(cfg: ModelConfig, n: int, m: int, last: bool, as_original: bool):
@@ -109,26 +119,37 @@ def _layers(cfg: ModelConfig, n: Optional[int], m: Optional[int], as_original: b
     n = cfg.tgt_len if n is None else n
     m = cfg.mem_len if m is None else m
     layers = [_layer_flops(cfg, n, m, i == cfg.n_layer - 1, as_original) for i in range(cfg.n_layer)]
-    return layers, softmax_flops(cfg, n)
+    return layers, softmax_flops(cfg, n) + embedding_flops(cfg, n)
 
 
-_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]", re.M)
-_HLO_DOT = re.compile(r"=\s*\w+\[([\d,]*)\][^\n]*?\sdot\(%?([\w.\-]+),[^\n]*?"
-                      r"lhs_contracting_dims=\{([\d,]*)\}")
+_SHAPE = r"\w+\[([\d,]*)\](?:\{[^}]*\})?"
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*" + _SHAPE, re.M)
+_OPERAND = r"(?:" + _SHAPE + r"\s+)?%?([\w.\-]+)"  # an operand, its type printed or not
+_HLO_DOT = re.compile(r"=\s*" + _SHAPE + r"[^\n]*?\sdot\(" + _OPERAND
+                      + r"[^\n]*?lhs_contracting_dims=\{([\d,]*)\}")
+# XLA:GPU's library products: (result, workspace) = custom-call(lhs, rhs, ...) to cuBLAS, with
+# the dot's dimension numbers in the backend config
+_HLO_LIBRARY_DOT = re.compile(r"=\s*\(\s*" + _SHAPE + r"[^\n]*?\scustom-call\(" + _OPERAND
+                              + r"[^\n]*?custom_call_target=\"__cublas[^\"]*\"[^\n]*?"
+                              r"\"lhs_contracting_dimensions\":\[([^\]]*)\]")
 
 
 def compiled_matmul_flops(hlo_text: str) -> float:
-    """2 * |output| * |contracted dims| summed over the ``dot`` instructions of an optimized HLO
-    module's text (``jax.jit(f).lower(...).compile().as_text()``): the matrix-product FLOPs the
-    compiled program runs, to hold against the model count above. Each instruction counts once
-    (a product inside a loop body once, not per iteration)."""
-    dims = lambda s: [int(x) for x in s.split(",") if x]
-    shapes = {m.group(1): dims(m.group(2)) for m in _HLO_INSTRUCTION.finditer(hlo_text)}
+    """2 * |output| * |contracted dims| summed over the matrix products of an optimized HLO
+    module's text (``jax.jit(f).lower(...).compile().as_text()``): XLA ``dot`` instructions and
+    XLA:GPU's cuBLAS calls. The products the compiled program runs, to hold against the model
+    count above. Not seen: products inside opaque kernels (the Pallas attention kernels' custom
+    calls). Each instruction counts once: a product inside a loop body once, not per iteration;
+    in an SPMD-partitioned module, once per device with the device's local shapes."""
+    ints = lambda s: [int(x) for x in re.findall(r"\d+", s)]
+    shapes = {m.group(1): ints(m.group(2)) for m in _HLO_INSTRUCTION.finditer(hlo_text)}
     total = 0.0
-    for m in _HLO_DOT.finditer(hlo_text):
-        lhs = shapes[m.group(2)]
-        total += 2.0 * np.prod(dims(m.group(1)), dtype=float) * np.prod(
-            [lhs[c] for c in dims(m.group(3))], dtype=float)
+    for pattern in (_HLO_DOT, _HLO_LIBRARY_DOT):
+        for m in pattern.finditer(hlo_text):
+            out, lhs_inline, lhs_name, contracting = m.groups()
+            lhs = ints(lhs_inline) if lhs_inline is not None else shapes[lhs_name]
+            total += 2.0 * np.prod(ints(out), dtype=float) * np.prod(
+                [lhs[c] for c in ints(contracting)], dtype=float)
     return total
 
 

@@ -210,9 +210,11 @@ class DecoderLayer(nn.Module):
 
     ``memory_rows_out=False`` (LaMemo's last layer): nothing reads this layer's memory-row outputs
     (the next layer's input), so their o_net, LayerNorm and FFN are not computed and the layer
-    returns None for them. The look-ahead still runs: its output and normaliser are the new cache.
-    Without a consumer, its backward is not computed either (the cache is stop-gradient). The
-    current rows' values and dropout masks are the ones the whole computation gives.
+    returns None for them. The look-ahead still runs where its output and normaliser reach the
+    new cache (Mb > N; the cache keeps the last Mb of [refreshed memory; current] rows), with its
+    memory-row queries and future position vectors as products of their own: the cache is
+    stop-gradient, so none of it gets a backward. The current rows' values and dropout masks are
+    the ones the whole computation gives.
     """
 
     cfg: ModelConfig
@@ -233,8 +235,15 @@ class DecoderLayer(nn.Module):
         dropatt_rng = self.make_rng("dropout") if (train and cfg.dropatt > 0) else None
         partition = kernel_partition()  # per-shard kernels when traced under a mesh
 
-        r_all = split(Dense(cfg, hd, name="r_net")(pos_emb))  # [K(+Mb), H, Dh]
-        r_past = r_all[:k_len]
+        r_net = Dense(cfg, hd, name="r_net")
+        # LaMemo's look-ahead output feeds the next layer and the new cache; the last layer's
+        # only the cache, which with Mb <= N keeps none of its rows: then it is not run
+        lookahead_used = cfg.memory == "lamemo" and mb > 0 and (self.memory_rows_out or mb > n)
+        if self.memory_rows_out or not lookahead_used:
+            r_all = split(r_net(pos_emb if lookahead_used else pos_emb[:k_len]))  # [K(+Mb), H, Dh]
+            r_past, r_fut = r_all[:k_len], r_all[k_len:]
+        else:  # the future rows feed only the stop-gradient cache: their own product, no backward
+            r_past, r_fut = split(r_net(pos_emb[:k_len])), split(r_net(pos_emb[k_len:]))
 
         def analyse(q_cur, k_all):
             """Analysis only (mutable 'intermediates'): attention mass of the current rows by distance."""
@@ -273,9 +282,8 @@ class DecoderLayer(nn.Module):
                                            dropout_rng=dropatt_rng, partition=partition)
         h_cur = attn_norm(h_cur + drop(o_net(a.reshape(b, n, hd))))
         cache_attn, cache_lse = cache
-        if mb > 0:
+        if lookahead_used:
             w = min(mb, n)
-            r_fut = r_all[k_len:]
             if cfg.lookahead == "full":
                 r_table, r_offset, causal = jnp.concatenate([r_past[k_len - w + 1:], r_fut]), w - 2, False
             else:

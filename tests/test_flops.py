@@ -37,22 +37,24 @@ def compiled_forward(cfg):
     return jax.jit(f).lower(params, mem, x).compile()
 
 
-@pytest.mark.parametrize("mem_len", [0, 5, 8, 20])
-def test_xl_step_runs_exactly_the_counted_products(mem_len):
-    cfg = cfg_of("xl", mem_len)
+@pytest.mark.parametrize("mem_len,kw", [(0, {}), (5, {"d_embed": 24}), (20, {}),
+                                        (8, {"cutoffs": (30, 60), "div_val": 2})])
+def test_xl_step_runs_exactly_the_counted_products(mem_len, kw):
+    cfg = cfg_of("xl", mem_len, **kw)
     assert compiled_matmul_flops(compiled_train_step(cfg).as_text()) == train_step_flops(cfg, BATCH)
     assert compiled_matmul_flops(compiled_forward(cfg).as_text()) == forward_flops(cfg, BATCH)
 
 
-@pytest.mark.parametrize("mem_len,n_layer,lookahead", [(5, 2, "disentangled"), (8, 2, "disentangled"),
-                                                       (20, 3, "disentangled"), (8, 2, "full"),
-                                                       (20, 1, "signed")])
-def test_lamemo_step_runs_the_counted_products_and_little_else(mem_len, n_layer, lookahead):
-    """The count leaves out the last layer's memory rows (not computed) and its look-ahead's
-    backward (no gradient reaches the stop-gradient cache); the compiled step agrees, running at
-    most a few percent more: zero cotangents of the last layer's future position rows and the
-    CPU's 16-row position band."""
-    cfg = cfg_of("lamemo", mem_len, n_layer, lookahead=lookahead)
+@pytest.mark.parametrize("mem_len,n_layer,kw", [(5, 2, {}), (8, 2, {}), (20, 3, {}),
+                                                (8, 2, {"lookahead": "full"}),
+                                                (20, 1, {"lookahead": "signed", "d_embed": 24}),
+                                                (4, 1, {"cutoffs": (30, 60), "div_val": 2})])
+def test_lamemo_step_runs_the_counted_products_and_little_else(mem_len, n_layer, kw):
+    """The count leaves out the last layer's memory rows (not computed), its look-ahead's
+    backward (no gradient reaches the stop-gradient cache) and, with mem_len <= tgt_len, its
+    look-ahead (the cache keeps none of its rows); the compiled step agrees, running at most a
+    few percent more: the CPU's 16-row position band of the look-ahead."""
+    cfg = cfg_of("lamemo", mem_len, n_layer, **kw)
     ran, counted = compiled_matmul_flops(compiled_train_step(cfg).as_text()), train_step_flops(cfg, BATCH)
     assert counted <= ran <= 1.05 * counted, (ran, counted)
     original = train_step_flops(cfg, BATCH, as_original=True)
@@ -80,3 +82,27 @@ def test_compiled_matmul_flops_reads_batched_and_plain_dots():
     a, b = jnp.ones((3, 4, 5)), jnp.ones((3, 5, 6))
     text = jax.jit(lambda a, b: (jnp.einsum("bij,bjk->bik", a, b), a[0] @ b[0])).lower(a, b).compile().as_text()
     assert compiled_matmul_flops(text) == 2 * 3 * 4 * 5 * 6 + 2 * 4 * 5 * 6
+
+
+def test_compiled_matmul_flops_reads_cublas_calls_and_inline_operand_types():
+    """XLA:GPU runs most products as cuBLAS custom calls; some HLO printers give operands their
+    types. On the kept H100 HLO of the wt103 LaMemo step (bf16, batch 64, the code of
+    2026-11-26, which still computed the last layer's memory rows): 212 cuBLAS calls, and the
+    products add up to the original-arithmetic count plus the GPU's padding of the layer widths."""
+    import gzip
+    import os
+    import re
+
+    from benchmarks.throughput import load_config_file
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with gzip.open(os.path.join(root, "docs", "benchmarks", "h100_hlo_lamemo_one_pass.txt.gz"), "rt") as f:
+        text = f.read()
+    assert len(re.findall(r'custom_call_target="__cublas', text)) == 212
+    cfg = load_config_file(os.path.join(root, "configs", "wt103.py")).model
+    ran = compiled_matmul_flops(text)
+    assert 1.0 <= ran / train_step_flops(cfg, 64, as_original=True) <= 1.05
+    dots_only = compiled_matmul_flops("\n".join(l for l in text.splitlines() if "__cublas" not in l))
+    assert dots_only < 0.1 * ran
+    typed = ("  %d = f32[8,16]{1,0} dot(f32[8,4]{1,0} %p0, f32[4,16]{1,0} %p1), lhs_contracting_dims={1}, "
+             "rhs_contracting_dims={0}")
+    assert compiled_matmul_flops(typed) == 2 * 8 * 16 * 4
