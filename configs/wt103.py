@@ -9,8 +9,9 @@ there, else put the three files in --config.data.manual_dir.
 Memory: add --config.model.softmax_chunk=2048 to compute the 267,735-word softmax loss in token
 chunks (no 10 GB [tokens, vocab] float32 arrays; same loss; on an H200 its output layer takes
 28.1 ms against 22.0 ms for the default path, docs/benchmarks.md).
-Speed (one H100, bf16, measured 2026-11-26, docs/benchmarks.md): 93.5 ms per step, 102,720
-tokens/s, MFU 12.7% (Transformer-XL 65.4 ms, 14.7%), with XLA attention, which this config
+Speed (one H100, bf16, measured 2026-11-26 with the code of that day, docs/benchmarks.md):
+93.5 ms per step, 102,720 tokens/s, MFU 12.0% by today's FLOP count (Transformer-XL 65.4 ms,
+14.2%), with XLA attention, which this config
 sets: the Pallas kernels' step took 118.8 vs 101.6 ms there (an earlier lease; their backward is untuned);
 they need less attention memory, use them with --config.model.attention_impl=auto (or pallas).
 Hardware: the original used 2 GPUs (2 processes x batch 32) with apex fp16; here one process with
