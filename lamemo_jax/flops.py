@@ -29,7 +29,7 @@ the LaMemo / XL ratio is 1.55 / 1.94 / 2.46 / 3.01 that way, the issue's "1.55 a
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -70,16 +70,22 @@ def embedding_flops(cfg: ModelConfig, n_rows: int) -> float:
     return n_rows * sum(2 * di * cfg.d_model for di in cluster_dims(cfg))
 
 
-def _layer_flops(cfg: ModelConfig, n: int, m: int, last: bool, as_original: bool):
-    """One layer's matmul FLOPs: (per batch row: forward, forward of the products the gradient
-    passes through; position vectors, once per step: forward, forward with a weight gradient)."""
+class _LayerFlops(NamedTuple):
+    rows: float  # per batch row: the forward's products
+    rows_grad: float  # per batch row: the forward of the products the gradient passes through
+    pos: float  # position vectors, once per step: forward
+    pos_grad: float  # position vectors: the forward of the rows that get a weight gradient
+
+
+def _layer_flops(cfg: ModelConfig, n: int, m: int, last: bool, as_original: bool) -> _LayerFlops:
+    """One layer's matmul FLOPs."""
     d, hd, f = cfg.d_model, cfg.n_head * cfg.d_head, cfg.d_inner
     k = m + n
     if cfg.memory == "xl":
         rows = (2 * n * d * hd + 2 * k * d * 2 * hd  # q (current), kv
                 + 3 * 2 * n * k * hd  # AC, BD, PV
                 + 2 * n * hd * d + 4 * n * d * f)  # o_net, FFN
-        return rows, rows, 2 * k * d * hd, 2 * k * d * hd  # r_net: K past distances
+        return _LayerFlops(rows, rows, 2 * k * d * hd, 2 * k * d * hd)  # r_net: K past distances
     w = min(m, n)
     cut = last and not as_original
     rows_out = n if cut else k  # rows that get o_net and the FFN
@@ -89,21 +95,21 @@ def _layer_flops(cfg: ModelConfig, n: int, m: int, last: bool, as_original: bool
             + 2 * rows_out * hd * d + 4 * rows_out * d * f)  # o_net, FFN
     pos = 2 * (k + m) * d * hd  # r_net: K past and M future distances
     if not cut:
-        return rows, rows, pos, pos
+        return _LayerFlops(rows, rows, pos, pos)
     # The last layer's look-ahead (memory-row queries, future position vectors, band) only
     # writes the stop-gradient cache: no backward. The cache keeps the last M rows of
     # [refreshed memory; current rows], so with M <= N it keeps none and the look-ahead goes.
     lookahead = 2 * m * d * hd + 3 * 2 * m * w * hd
     if m > n:
-        return rows, rows - lookahead, pos, 2 * k * d * hd
-    return rows - lookahead, rows - lookahead, 2 * k * d * hd, 2 * k * d * hd
+        return _LayerFlops(rows, rows - lookahead, pos, 2 * k * d * hd)
+    return _LayerFlops(rows - lookahead, rows - lookahead, 2 * k * d * hd, 2 * k * d * hd)
 
 
 def forward_flops(cfg: ModelConfig, batch_size: int, n: Optional[int] = None, m: Optional[int] = None,
                   *, as_original: bool = False) -> float:
     """Matmul FLOPs of one segment's forward pass (n tokens per row, memory of m tokens)."""
     layers, out = _layers(cfg, n, m, as_original)
-    return batch_size * (sum(l[0] for l in layers) + out) + sum(l[2] for l in layers)
+    return batch_size * (sum(l.rows for l in layers) + out) + sum(l.pos for l in layers)
 
 
 def train_step_flops(cfg: ModelConfig, batch_size: int, n: Optional[int] = None, m: Optional[int] = None,
@@ -112,8 +118,8 @@ def train_step_flops(cfg: ModelConfig, batch_size: int, n: Optional[int] = None,
     passes through, twice their forward (input and weight gradients); for the position vectors
     (a projection of constant sinusoids), once (the weight gradient)."""
     layers, out = _layers(cfg, n, m, as_original)
-    rows = sum(l[0] + 2 * l[1] for l in layers) + 3 * out
-    return batch_size * rows + sum(l[2] + l[3] for l in layers)
+    rows = sum(l.rows + 2 * l.rows_grad for l in layers) + 3 * out
+    return batch_size * rows + sum(l.pos + l.pos_grad for l in layers)
 
 
 def _layers(cfg: ModelConfig, n: Optional[int], m: Optional[int], as_original: bool):
@@ -148,6 +154,9 @@ def compiled_matmul_flops(hlo_text: str) -> float:
     for pattern in (_HLO_DOT, _HLO_LIBRARY_DOT):
         for m in pattern.finditer(hlo_text):
             out, lhs_inline, lhs_name, contracting = m.groups()
+            if lhs_inline is None and lhs_name not in shapes:
+                raise ValueError(f"compiled_matmul_flops: no shape for the operand {lhs_name!r} of "
+                                 f"{m.group(0)[:160]!r}: not an HLO module's full text?")
             lhs = ints(lhs_inline) if lhs_inline is not None else shapes[lhs_name]
             total += 2.0 * np.prod(ints(out), dtype=float) * np.prod(
                 [lhs[c] for c in ints(contracting)], dtype=float)

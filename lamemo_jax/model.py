@@ -239,11 +239,12 @@ class DecoderLayer(nn.Module):
         # LaMemo's look-ahead output feeds the next layer and the new cache; the last layer's
         # only the cache, which with Mb <= N keeps none of its rows: then it is not run
         lookahead_used = cfg.memory == "lamemo" and mb > 0 and (self.memory_rows_out or mb > n)
-        if self.memory_rows_out or not lookahead_used:
+        if lookahead_used and not self.memory_rows_out:
+            # the future rows feed only the stop-gradient cache: their own product, no backward
+            r_past, r_fut = split(r_net(pos_emb[:k_len])), split(r_net(pos_emb[k_len:]))
+        else:
             r_all = split(r_net(pos_emb if lookahead_used else pos_emb[:k_len]))  # [K(+Mb), H, Dh]
             r_past, r_fut = r_all[:k_len], r_all[k_len:]
-        else:  # the future rows feed only the stop-gradient cache: their own product, no backward
-            r_past, r_fut = split(r_net(pos_emb[:k_len])), split(r_net(pos_emb[k_len:]))
 
         def analyse(q_cur, k_all):
             """Analysis only (mutable 'intermediates'): attention mass of the current rows by distance."""
@@ -268,10 +269,9 @@ class DecoderLayer(nn.Module):
         q_net = Dense(cfg, hd, name="q_net")
         if self.memory_rows_out:
             q = split(q_net(cat))
-            q_cur, q_mem = q[:, mb:], lambda: q[:, :mb]
-        else:  # the memory rows' queries feed only the look-ahead, i.e. the stop-gradient cache:
-            # their own product, which the backward then skips
-            q_cur, q_mem = split(q_net(h_cur)), lambda: split(q_net(h_mem))
+            q_cur = q[:, mb:]
+        else:  # the memory rows' queries feed only the look-ahead (below), i.e. the
+            q_cur = split(q_net(h_cur))  # stop-gradient cache: their own product, no backward
         kv = Dense(cfg, 2 * hd, name="kv_net")(cat)
         k, v = split(kv[..., :hd]), split(kv[..., hd:])
         analyse(q_cur, k)
@@ -288,8 +288,9 @@ class DecoderLayer(nn.Module):
                 r_table, r_offset, causal = jnp.concatenate([r_past[k_len - w + 1:], r_fut]), w - 2, False
             else:
                 r_table, r_offset, causal = r_fut, -1, True
+            q_mem = q[:, :mb] if self.memory_rows_out else split(q_net(h_mem))
             c, new_lse = kernels.lookahead(
-                cfg.attention_impl, q_mem(), k[:, mb - w + 1:mb + 1], v[:, mb - w + 1:mb + 1],
+                cfg.attention_impl, q_mem, k[:, mb - w + 1:mb + 1], v[:, mb - w + 1:mb + 1],
                 r_table, biases["u_future"], biases["v_future"],
                 jax.lax.stop_gradient(cache_attn), jax.lax.stop_gradient(cache_lse), mem_length,
                 r_offset=r_offset, scale=scale, causal=causal, eps=cfg.lookahead_eps,

@@ -106,3 +106,8 @@ def test_compiled_matmul_flops_reads_cublas_calls_and_inline_operand_types():
     typed = ("  %d = f32[8,16]{1,0} dot(f32[8,4]{1,0} %p0, f32[4,16]{1,0} %p1), lhs_contracting_dims={1}, "
              "rhs_contracting_dims={0}")
     assert compiled_matmul_flops(typed) == 2 * 8 * 16 * 4
+
+
+def test_compiled_matmul_flops_names_an_operand_without_a_shape():
+    with pytest.raises(ValueError, match="no shape for the operand 'p0'"):
+        compiled_matmul_flops("  %d = f32[8,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}")
