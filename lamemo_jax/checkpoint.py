@@ -73,13 +73,21 @@ def verify_manifest(step_dir: str) -> Optional[str]:
 
 
 class Checkpointer:
-    """Saves / restores ``(state pytree, json metadata)`` per step under ``directory``."""
+    """Saves / restores ``(state pytree, json metadata)`` per step under ``directory``.
 
-    def __init__(self, directory: str, keep: int = 3):
+    ``read_only=True`` is for readers beside a live run (``eval.py``, ``load_run``): it never
+    creates, deletes or moves anything, so it cannot take a checkpoint from under the trainer
+    that owns the directory. A checkpoint that does not verify (e.g. one whose manifest the
+    trainer is still writing) is skipped with a warning and left where it is.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        self.read_only = read_only
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               read_only=read_only,
                                                enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def step_dir(self, step: int) -> str:
@@ -89,6 +97,8 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> str:
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; not saving step {step}")
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
@@ -111,8 +121,9 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> Optional[Tuple[Any, dict, int]]:
         """(state, meta, step) of the newest good checkpoint; None when there is none at all.
 
-        A bad newest checkpoint is skipped with a warning naming it; if checkpoints exist but
-        none is good, raises ``CheckpointError``.
+        A bad newest checkpoint is skipped with a warning naming it (and, unless read-only,
+        moved out of the way, see ``_quarantine``); if checkpoints exist but none is good, raises
+        ``CheckpointError``.
         """
         steps = self.all_steps()
         if not steps:
@@ -138,7 +149,7 @@ class Checkpointer:
     def _quarantine(self, bad_steps) -> None:
         """Moves unusable checkpoints out of the step namespace (kept for inspection in
         ``<directory>_corrupt/``) so that they never block or shadow a new save."""
-        if jax.process_index() != 0 or not bad_steps:
+        if jax.process_index() != 0 or not bad_steps or self.read_only:
             return
         dest_root = self.directory.rstrip("/") + "_corrupt"
         os.makedirs(dest_root, exist_ok=True)

@@ -377,7 +377,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         try:
             path = ckpt.save(step, state, meta)
         except OSError as e:
-            prev = ckpt.all_steps()
+            prev = [s for s in ckpt.all_steps() if s < step]  # not the one that failed
             raise TrainingError(
                 f"writing the checkpoint of step {step} failed: {e.strerror or e} (disk full?). "
                 f"The previous checkpoint is intact: "
@@ -499,7 +499,9 @@ def load_run(workdir: str, step: Optional[int] = None):
     abstract = jax.eval_shape(lambda: init_train_state(cfg, exp.train, optimizer, exp.train.batch_size))
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # a checkpoint of any mesh loads here
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints)
+    # read-only: a reader beside a live trainer must never move or delete its checkpoints
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints,
+                        read_only=True)
     try:
         if step is None:
             restored = ckpt.restore_latest(abstract)

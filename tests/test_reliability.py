@@ -129,6 +129,37 @@ def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
         ck.restore_latest(abstract)
 
 
+def test_read_only_reader_skips_an_unverified_checkpoint_and_moves_nothing(tmp_path, caplog):
+    """eval.py beside a live trainer: the newest checkpoint may still lack its manifest (the
+    trainer is hashing it). The reader must use the previous one and leave the directory alone."""
+    exp, state, ck = _state_and_ckpt(tmp_path)
+    ck.save(1, state, {"step": 1})
+    ck.save(2, state.replace(step=jnp.int32(2)), {"step": 2})
+    os.remove(os.path.join(ck.step_dir(2), MANIFEST))  # as during the trainer's manifest write
+    ck.close()
+    before = sorted(os.listdir(tmp_path))
+    reader = Checkpointer(str(tmp_path / "ck"), read_only=True)
+    with caplog.at_level("WARNING"):
+        _, meta, step = reader.restore_latest(jax.eval_shape(lambda: state))
+    assert step == 1 and meta["step"] == 1
+    assert any(reader.step_dir(2) in r.getMessage() and MANIFEST in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(tmp_path)) == before  # no checkpoints_corrupt/, nothing moved
+    assert os.path.isdir(reader.step_dir(2)) and reader.all_steps() == [1, 2]
+    with pytest.raises(CheckpointError, match="read-only"):
+        reader.save(3, state, {"step": 3})
+    reader.close()
+
+
+def test_load_run_beside_a_trainer_leaves_its_checkpoints_in_place(tmp_path):
+    from lamemo_jax.trainer import load_run
+    wd = str(tmp_path / "run")
+    train_and_evaluate(tiny(num_steps=4, checkpoint_every=2), wd)
+    ckdir = os.path.join(wd, "checkpoints")
+    os.remove(os.path.join(ckdir, "4", MANIFEST))  # the trainer is still hashing step 4
+    assert load_run(wd)[3] == 2
+    assert os.path.isdir(os.path.join(ckdir, "4")) and not os.path.exists(ckdir + "_corrupt")
+
+
 def test_nonfinite_step_is_skipped_and_counted():
     exp = ExperimentConfig.from_config_dict(tiny())
     cfg, tc = exp.model, exp.train
@@ -211,3 +242,22 @@ def test_disk_full_during_checkpoint_keeps_the_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
     ck = Checkpointer(os.path.join(wd, "checkpoints"))
     assert ck.all_steps() == [2]
+
+
+def test_failed_checkpoint_write_names_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The write of step 3 leaves its directory behind and then fails: the error must name step
+    2's checkpoint as the intact one, not the half-written step 3."""
+    wd = str(tmp_path / "half")
+    train_and_evaluate(tiny(num_steps=2), wd)
+    real_save = Checkpointer.save
+    import errno
+    def fails_after_the_state(self, step, state, meta):
+        real_save(self, step, state, meta)
+        os.remove(os.path.join(self.step_dir(step), MANIFEST))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Checkpointer, "save", fails_after_the_state)
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(tiny(num_steps=4, checkpoint_every=3), wd)
+    msg = str(e.value)
+    assert "step 3 failed" in msg
+    assert msg.endswith("previous checkpoint is intact: " + os.path.join(wd, "checkpoints", "2")), msg
