@@ -68,7 +68,11 @@ def _check_tokens(cfg: ModelConfig, tokens, name: str):
         raise ValueError(f"{name} must be int [B, T]; got shape {tuple(tokens.shape)}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must hold integer token ids; got dtype {tokens.dtype}")
-    if isinstance(tokens, np.ndarray):
+    # Concrete arrays (NumPy, or JAX arrays outside a trace) are checked here; under jit/grad/
+    # scan the ids are tracers and cannot be: there an out-of-range id gives NaN (>= n_token) or
+    # wraps around (< 0), so traced callers check their data first (the trainer and evaluation
+    # check every split when they load it).
+    if not isinstance(tokens, jax.core.Tracer) and getattr(tokens, "is_fully_addressable", True):
         bad = out_of_vocab_id(tokens, cfg.n_token)
         if bad is not None:
             raise ValueError(f"{name} holds token id {bad} outside the vocabulary [0, {cfg.n_token})")

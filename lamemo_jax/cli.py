@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -31,10 +32,11 @@ def run_reporting_errors(fn: Callable):
     from lamemo_jax.data.config import ChecksumError, DataConfigError, SourceNotFoundError
     from lamemo_jax.data.stream import StreamError
     from lamemo_jax.trainer import TrainingError
+    from kernels import KernelUnavailableError
     try:
         return fn()
     except (ConfigError, CheckpointError, TrainingError, DataConfigError, SourceNotFoundError,
-            ChecksumError, StreamError, FileNotFoundError) as e:
+            ChecksumError, StreamError, FileNotFoundError, KernelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except ValueError as e:  # e.g. bad token ids: the traceback, then the message on its own line
@@ -54,6 +56,9 @@ def print_train_summary(summary: dict):
     if "eval_loss" in summary:
         lines.insert(1, f"{summary['eval_split']} ({summary['dataset']}): loss {summary['eval_loss']:.4f}  "
                         f"{headline(summary['eval_loss'], summary['unit'])}")
+    tensorboard = os.path.join(summary["workdir"], "tensorboard")
+    if os.path.isdir(tensorboard):
+        lines.append(f"tensorboard: {tensorboard}")
     if summary.get("plot"):
         lines.append(f"plot:       {summary['plot']}")
     print("\n".join(lines), flush=True)

@@ -16,7 +16,10 @@ Every invalid value fails at construction with a ``ConfigError`` naming the fiel
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Tuple
+
+import numpy as np
 
 MEMORY_TYPES = ("xl", "lamemo")
 LOOKAHEAD_VARIANTS = ("disentangled", "signed", "future_content_bias", "full")
@@ -26,6 +29,16 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field."""
+
+
+_INT_FIELDS = ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner", "d_embed", "div_val",
+               "tgt_len", "mem_len", "clamp_len", "softmax_chunk")
+_BOOL_FIELDS = ("tie_weight", "same_length", "pad_layer_matmuls")
+_RATE_FIELDS = ("dropout", "dropatt")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +78,18 @@ class ModelConfig:
     pad_layer_matmuls: bool = True
 
     def __post_init__(self):
-        if isinstance(self.cutoffs, list):
-            object.__setattr__(self, "cutoffs", tuple(int(c) for c in self.cutoffs))
-        if isinstance(self.tie_projs, list):
-            object.__setattr__(self, "tie_projs", tuple(bool(t) for t in self.tie_projs))
+        # NumPy scalars (np.int64(8) from an array, np.bool_) mean the same as Python's; anything
+        # else of the wrong type fails in _validate (a bool is not a length, "false" is not False)
+        for f in _INT_FIELDS + _BOOL_FIELDS + _RATE_FIELDS + ("lookahead_eps",):
+            v = getattr(self, f)
+            if isinstance(v, np.generic):
+                object.__setattr__(self, f, v.item())
+        if isinstance(self.cutoffs, (list, tuple)):
+            object.__setattr__(self, "cutoffs", tuple(
+                c.item() if isinstance(c, np.generic) else c for c in self.cutoffs))
+        if isinstance(self.tie_projs, (list, tuple)):
+            object.__setattr__(self, "tie_projs", tuple(
+                t.item() if isinstance(t, np.generic) else t for t in self.tie_projs))
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -78,21 +99,28 @@ class ModelConfig:
     def _validate(self):
         for f in ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner", "tgt_len"):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                self._fail(f, "must be a positive integer")
-        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+            if not _is_int(v) or v <= 0:
+                self._fail(f, "must be a positive integer" + (
+                    " (the vocabulary size of the data; the trainer names it when it does not match)"
+                    if f == "n_token" else ""))
+        if not _is_int(self.mem_len) or self.mem_len < 0:
             self._fail("mem_len", "must be an integer >= 0")
-        if not isinstance(self.clamp_len, int) or self.clamp_len < -1:
+        if not _is_int(self.clamp_len) or self.clamp_len < -1:
             self._fail("clamp_len", "must be an integer >= -1 (-1 or 0 switch clamping off)")
-        if self.d_embed is not None and (not isinstance(self.d_embed, int) or self.d_embed <= 0):
+        if self.d_embed is not None and (not _is_int(self.d_embed) or self.d_embed <= 0):
             self._fail("d_embed", "must be a positive integer or None (= d_model)")
         if self.d_model % 2:
             self._fail("d_model", "must be even (sinusoid position embedding halves)")
-        if not isinstance(self.div_val, int) or self.div_val < 1:
+        if not _is_int(self.div_val) or self.div_val < 1:
             self._fail("div_val", "must be an integer >= 1")
+        for f in _BOOL_FIELDS:
+            if not isinstance(getattr(self, f), bool):
+                self._fail(f, "must be True or False")
+        if not isinstance(self.cutoffs, tuple):
+            self._fail("cutoffs", "must be a sequence of integers")
         prev = 0
         for c in self.cutoffs:
-            if not isinstance(c, int) or c <= prev:
+            if not _is_int(c) or c <= prev:
                 self._fail("cutoffs", "must be strictly increasing positive integers")
             prev = c
         if self.cutoffs and self.cutoffs[-1] >= self.n_token:
@@ -101,11 +129,14 @@ class ModelConfig:
             for i in range(len(self.cutoffs) + 1):
                 if self.d_embed_ // (self.div_val ** i) < 1:
                     self._fail("div_val", f"d_embed // div_val**{i} is 0 for cluster {i}")
-        if self.tie_projs is not None and len(self.tie_projs) != len(self.cutoffs) + 1:
-            self._fail("tie_projs", f"needs one entry per cluster ({len(self.cutoffs) + 1})")
-        for f in ("dropout", "dropatt"):
+        if self.tie_projs is not None:
+            if not isinstance(self.tie_projs, tuple) or not all(isinstance(t, bool) for t in self.tie_projs):
+                self._fail("tie_projs", "must be None or a sequence of True/False, one per cluster")
+            if len(self.tie_projs) != len(self.cutoffs) + 1:
+                self._fail("tie_projs", f"needs one entry per cluster ({len(self.cutoffs) + 1})")
+        for f in _RATE_FIELDS:
             v = getattr(self, f)
-            if not isinstance(v, (int, float)) or not (0.0 <= v < 1.0):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v < 1.0):
                 self._fail(f, "must be a rate in [0, 1)")
         if self.memory not in MEMORY_TYPES:
             self._fail("memory", f"unknown memory type; choose one of {MEMORY_TYPES}")
@@ -113,18 +144,16 @@ class ModelConfig:
             self._fail("lookahead", f"unknown look-ahead variant; choose one of {LOOKAHEAD_VARIANTS}")
         if self.memory == "lamemo" and self.lookahead == "full" and self.mem_len < self.tgt_len:
             self._fail("mem_len", "lookahead='full' needs mem_len >= tgt_len (as the original)")
-        if not isinstance(self.lookahead_eps, (int, float)) or self.lookahead_eps < 0:
-            self._fail("lookahead_eps", "must be a number >= 0")
+        if isinstance(self.lookahead_eps, bool) or not isinstance(self.lookahead_eps, (int, float)) \
+                or not 0 <= self.lookahead_eps < math.inf:
+            self._fail("lookahead_eps", "must be a finite number >= 0")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 self._fail(f, f"unknown dtype; choose one of {DTYPES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             self._fail("attention_impl", f"choose one of {ATTENTION_IMPLS}")
-        if not isinstance(self.softmax_chunk, int) or isinstance(self.softmax_chunk, bool) \
-                or self.softmax_chunk < 0:
+        if not _is_int(self.softmax_chunk) or self.softmax_chunk < 0:
             self._fail("softmax_chunk", "must be an integer >= 0 (0 = off)")
-        if not isinstance(self.pad_layer_matmuls, bool):
-            self._fail("pad_layer_matmuls", "must be True or False")
 
     # ------------------------------------------------------------------ derived
     @property

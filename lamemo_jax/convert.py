@@ -284,7 +284,8 @@ def from_torch_checkpoint(path: str, config: Mapping[str, Any] | None = None):
         sd = obj.get("model_state_dict", obj.get("state_dict", obj))
         if config is None:
             raise ConversionError(f"{path} holds only a state dict: pass config= (the original "
-                                  "MemTransformerLM constructor arguments)")
+                                  "MemTransformerLM constructor arguments; eval.py: --torch_config="
+                                  "a JSON file of them)")
     else:
         raise ConversionError(f"{path}: unrecognised checkpoint object {type(obj).__name__}")
     sd = {k.removeprefix("module."): v.detach().cpu().numpy() for k, v in sd.items()}

@@ -32,6 +32,31 @@ def _load_model(workdir, step, config, torch_checkpoint, torch_config):
     return exp, cfg, params, f"{os.path.abspath(workdir)}/checkpoints/{step}"
 
 
+def _check_flags(*, tgt_len, mem_len, batch_size, max_tokens, mem_lens, max_new_tokens,
+                 temperature, top_p):
+    """A bad value is an error naming its flag, before any work (never a silent default)."""
+    for name, v in (("tgt_len", tgt_len), ("batch_size", batch_size)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{name}={v}: must be > 0 (leave it out for the config's eval.{name})")
+    if mem_len is not None and mem_len < 0:
+        raise ConfigError(f"--mem_len={mem_len}: must be >= 0")
+    if max_tokens < 0:
+        raise ConfigError(f"--max_tokens={max_tokens}: must be >= 0 (0: the whole split)")
+    for m in mem_lens or ():
+        try:
+            ok = int(m) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--mem_lens: {m!r} is not a memory length (integers >= 0, e.g. 64,128,256)")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens={max_new_tokens}: must be >= 1")
+    if not temperature > 0:
+        raise ConfigError(f"--temperature={temperature}: must be > 0")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"--top_p={top_p}: must be in (0, 1]")
+
+
 def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=None,
         torch_checkpoint: Optional[str] = None, torch_config: Optional[str] = None,
         split: Optional[str] = None, tgt_len: Optional[int] = None, mem_len: Optional[int] = None,
@@ -40,6 +65,8 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
         mem_lens: Optional[Sequence[str]] = None, output: Optional[str] = None,
         prompt: Optional[str] = None, max_new_tokens: int = 100, temperature: float = 1.0,
         top_p: float = 0.9, seed: int = 0) -> dict:
+    _check_flags(tgt_len=tgt_len, mem_len=mem_len, batch_size=batch_size, max_tokens=max_tokens,
+                 mem_lens=mem_lens, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     exp, cfg, params, source = _load_model(workdir, step, config, torch_checkpoint, torch_config)
     ds = data_lib.load(exp.data)
     if ds.vocab.n_token != cfg.n_token:

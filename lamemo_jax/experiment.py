@@ -37,7 +37,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_learning_rate: float = 0.0
     clip: float = 0.25  # global-norm clip (of the gradient of the loss as optimised; see halve_loss)
-    grad_accum_steps: int = 1  # optax.MultiSteps: one update every k micro-steps
+    grad_accum_steps: int = 1  # k: each step runs the batch as k chunks of batch_size/k rows, one update
     halve_loss: bool = False  # original: backprop (loss + 0) / 2, so clip 0.25 acts like 0.5
     log_every: int = 50
     eval_every: int = 1000  # 0: only at the end

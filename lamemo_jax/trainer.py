@@ -250,13 +250,11 @@ class _StopFlag:
 
 
 def resolve_model(exp: ExperimentConfig, ds) -> ModelConfig:
-    """Fills model.n_token from the data (when 0) and checks it otherwise."""
+    """The model config, checked against the data's vocabulary size."""
     n = ds.vocab.n_token
-    if exp.model.n_token == 0:
-        return exp.model.replace(n_token=n)
     if exp.model.n_token != n:
         raise ConfigError(f"model.n_token={exp.model.n_token} but the {ds.name} vocabulary has {n} "
-                          f"tokens; set --config.model.n_token={n} (or 0 to take it from the data)")
+                          f"tokens; set --config.model.n_token={n}")
     return exp.model
 
 
@@ -274,6 +272,35 @@ def _compatible(meta: dict, cfg: ModelConfig, tc: TrainConfig) -> None:
         raise CheckpointError("the checkpoint in the workdir was written by an incompatible "
                               "config (parameter/memory shapes differ); use a new workdir or the "
                               "checkpoint's values:\n  " + "\n  ".join(diff))
+
+
+# settings that do not change what a step computes: a resume may change them silently
+_BOOKKEEPING = {"train.num_steps", "train.log_every", "train.eval_every", "train.eval_tokens",
+                "train.checkpoint_every", "train.keep_checkpoints", "train.progress_bar",
+                "train.max_consecutive_nonfinite", "train.remat", "model.attention_impl"}
+
+
+def _changed_settings(previous_config_json: str, run_info: dict) -> list:
+    """'section.key: old -> new' for each model/data/train setting of the run recorded in the
+    workdir's config.json that this run changes (bookkeeping and the num_steps of a constant
+    schedule left out). Empty when there is no readable record."""
+    try:
+        with open(previous_config_json) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return []
+    new = json.loads(json.dumps(run_info, default=str))  # the form config.json has
+    if new["train"].get("schedule") == "constant" and old.get("train", {}).get("schedule") == "constant":
+        skip = _BOOKKEEPING
+    else:  # a decaying schedule runs over num_steps: changing it moves the learning rate
+        skip = _BOOKKEEPING - {"train.num_steps"}
+    out = []
+    for sec in ("model", "data", "train"):
+        a, b = old.get(sec, {}), new.get(sec, {})
+        for k in sorted(set(a) | set(b)):
+            if f"{sec}.{k}" not in skip and _norm(a.get(k)) != _norm(b.get(k)):
+                out.append(f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
 
 
 def _norm(v):
@@ -343,6 +370,12 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         if restored is not None:
             state, _, step = restored
             logging.info("resumed from %s (step %d)", ckpt.step_dir(step), step)
+            changed = _changed_settings(os.path.join(workdir, "config.json"), run_info)
+            if changed:
+                logging.warning(
+                    "resuming with settings that differ from the run that wrote the checkpoint, so "
+                    "it will not continue as that run would have (data order, dropout, learning "
+                    "rate): %s", "; ".join(changed))
     start = int(state.step)
     if start >= tc.num_steps and start > 0:
         logging.warning("the checkpoint in %s is at step %d, not before train.num_steps=%d: nothing to "

@@ -31,12 +31,31 @@ CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(R
     (dict(dtype="float8"), "dtype"),
     (dict(memory="lamemo", lookahead="full", mem_len=4, tgt_len=8), "mem_len"),
     (dict(cutoffs=(10,), tie_projs=(False,)), "tie_projs"),
+    (dict(mem_len=True), "mem_len"),  # a bool is not a length
+    (dict(clamp_len=True), "clamp_len"),
+    (dict(tie_weight="false"), "tie_weight"),  # a non-empty string is truthy: never guess
+    (dict(same_length="no"), "same_length"),
+    (dict(cutoffs=(10,), tie_projs=("no", True)), "tie_projs"),
+    (dict(lookahead_eps=float("inf")), "lookahead_eps"),
+    (dict(lookahead_eps=float("nan")), "lookahead_eps"),
+    (dict(dropout=True), "dropout"),
+    (dict(tgt_len=8.0), "tgt_len"),
 ])
 def test_invalid_model_config_names_the_field(kw, field):
     base = dict(n_token=50, n_layer=1, n_head=2, d_model=8, d_head=4, d_inner=16)
     base.update(kw)
     with pytest.raises(ConfigError, match=f"ModelConfig.{field}"):
         ModelConfig(**base)
+
+
+def test_numpy_scalars_mean_their_python_values():
+    cfg = ModelConfig(n_token=np.int64(50), n_layer=1, n_head=2, d_model=8, d_head=4, d_inner=16,
+                      tgt_len=np.int32(8), mem_len=np.int64(4), same_length=np.bool_(True),
+                      dropout=np.float32(0.25), cutoffs=[np.int64(10)], tie_projs=[np.bool_(False), True])
+    assert cfg == ModelConfig(n_token=50, n_layer=1, n_head=2, d_model=8, d_head=4, d_inner=16,
+                              tgt_len=8, mem_len=4, same_length=True, dropout=0.25, cutoffs=(10,),
+                              tie_projs=(False, True))
+    assert type(cfg.tgt_len) is int and type(cfg.same_length) is bool
 
 
 def test_unknown_keys_are_rejected():

@@ -612,3 +612,19 @@ def test_last_layer_without_memory_rows_is_the_whole_computation(monkeypatch, me
     whole = run()
     for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(whole)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("as_array", [np.asarray, jnp.asarray], ids=["numpy", "jax"])
+@pytest.mark.parametrize("which,bad", [("tokens", -1), ("tokens", 64), ("targets", -1), ("targets", 99)])
+def test_out_of_vocabulary_ids_are_a_clear_error(as_array, which, bad):
+    """Concrete ids, NumPy or JAX, are checked: -1 would otherwise wrap around to the last row
+    (a finite, plausible NLL) and ids >= n_token give NaN."""
+    cfg = small_cfg(dtype="float32", param_dtype="float32")
+    params = lamemo_jax.init_params(cfg, jax.random.key(0))
+    x = np.arange(12, dtype=np.int32).reshape(2, 6)
+    arrays = {"tokens": x, "targets": x}
+    arrays[which] = x.copy()
+    arrays[which][1, 3] = bad
+    with pytest.raises(ValueError, match=rf"{which} holds token id {bad} outside the vocabulary \[0, 64\)"):
+        lamemo_jax.apply(cfg, params, as_array(arrays["tokens"]), lamemo_jax.init_memory(cfg, 2),
+                         targets=as_array(arrays["targets"]))

@@ -160,6 +160,38 @@ def test_load_run_beside_a_trainer_leaves_its_checkpoints_in_place(tmp_path):
     assert os.path.isdir(os.path.join(ckdir, "4")) and not os.path.exists(ckdir + "_corrupt")
 
 
+def test_resume_with_changed_settings_warns_naming_them(tmp_path, caplog):
+    """A resume may change bookkeeping silently (more steps of a constant schedule, logging),
+    but a change that makes it diverge from the run it continues is named in a warning."""
+    wd = str(tmp_path / "run")
+    train_and_evaluate(tiny(num_steps=2), wd)
+    with caplog.at_level("WARNING"):
+        train_and_evaluate(tiny(num_steps=3, log_every=1), wd)
+    assert not any("differ from the run" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    c = tiny(num_steps=4, seed=5)
+    c.model.tgt_len = 8
+    with caplog.at_level("WARNING"):
+        train_and_evaluate(c, wd)
+    msgs = [r.getMessage() for r in caplog.records if "differ from the run" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert "model.tgt_len: 16 -> 8" in msgs[0] and "train.seed: 0 -> 5" in msgs[0]
+    assert "num_steps" not in msgs[0] and "log_every" not in msgs[0]
+
+
+def test_a_kernel_forced_where_it_cannot_run_is_a_one_line_error(capsys):
+    """attention_impl='pallas' on a CPU: the entry points print the message and exit 2, as for
+    every other configuration error (not a traceback and exit 1)."""
+    from kernels import KernelUnavailableError
+    from lamemo_jax import cli
+    def fails():
+        raise KernelUnavailableError("ModelConfig.attention_impl='pallas' needs a GPU or TPU backend")
+    with pytest.raises(SystemExit) as e:
+        cli.run_reporting_errors(fails)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: ModelConfig.attention_impl='pallas' needs a GPU or TPU backend\n"
+
+
 def test_nonfinite_step_is_skipped_and_counted():
     exp = ExperimentConfig.from_config_dict(tiny())
     cfg, tc = exp.model, exp.train

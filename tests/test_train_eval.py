@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -43,6 +44,14 @@ def test_training_lowers_the_loss_and_writes_everything(tiny_run):
     assert os.path.exists(summary["plot"]) and os.path.getsize(summary["plot"]) > 1000
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert summary["step"] == 30 and os.path.isdir(summary["checkpoint"])
+    from lamemo_jax.cli import print_train_summary  # what train.py prints: every path above
+    import contextlib, io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_train_summary(summary)
+    for path in (summary["checkpoint"], os.path.join(workdir, "metrics.jsonl"),
+                 os.path.join(workdir, "tensorboard"), summary["plot"]):
+        assert path in out.getvalue(), path
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -126,6 +135,20 @@ def test_a_prompt_outside_the_vocabulary_is_a_clear_error(tiny_run):
     with pytest.raises(ConfigError, match=r"--prompt \(wiki_chars\): .*'6'") as err:
         eval_run(workdir=workdir, prompt="route 66")
     assert "lowercased" not in str(err.value)
+
+
+@pytest.mark.parametrize("kw,flag", [
+    (dict(tgt_len=0), "--tgt_len=0"), (dict(batch_size=0), "--batch_size=0"),
+    (dict(mem_len=-1), "--mem_len=-1"), (dict(max_tokens=-5), "--max_tokens=-5"),
+    (dict(mem_lens=["64", "x"]), "--mem_lens: 'x'"), (dict(mem_lens=["-8"]), "--mem_lens: '-8'"),
+    (dict(max_new_tokens=-3), "--max_new_tokens=-3"), (dict(temperature=0.0), "--temperature=0.0"),
+    (dict(top_p=1.5), "--top_p=1.5"),
+])
+def test_bad_eval_flags_are_errors_naming_the_flag(kw, flag):
+    """Never a silent default (0 meant "the config's" for --tgt_len) or a silent no-op."""
+    from lamemo_jax.config import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(flag)):
+        eval_run(workdir="/nonexistent", **kw)  # checked before anything is loaded
 
 
 def test_generation_is_deterministic_and_follows_the_prompt(tiny_run):
