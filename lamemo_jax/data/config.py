@@ -44,6 +44,11 @@ class DataConfigError(ValueError):
     """An invalid data configuration value; the message names the field."""
 
 
+class CorruptSourceError(DataConfigError):
+    """A source file (a benchmark zip, a wheel) that cannot be read; the message names the file and
+    what to do (re-download or replace it). A ``DataConfigError``, like a truncated enwik8 / text8."""
+
+
 class SourceNotFoundError(FileNotFoundError):
     """The source files of a dataset are missing and cannot be downloaded; the message says which
     file to put where."""

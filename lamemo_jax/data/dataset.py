@@ -65,6 +65,11 @@ def load(cfg: Any) -> Dataset:
     if not b.is_prepared():
         log.info("preparing %s/%s in %s", c.name, b.builder_config.name, c.tfds_dir_)
         b.download_and_prepare()
+    else:
+        changed = builders.changed_sources(b)
+        if changed:
+            log.warning("%s: %s; rebuilding it from them.", c.name, changed)
+            b = builders.rebuild(c, b)
     md = b.info.metadata
     vocab = Vocab.from_json(md["vocab"])
     counts = {s: int(n) for s, n in md["split_tokens"].items()}
