@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -37,14 +38,16 @@ def run_one(dataset: str, memory: str, seed: int, steps: int, out: str) -> dict:
         cd.train.num_steps = steps
     cd.train.progress_bar = False
     workdir = os.path.join(out, dataset, f"{memory}_seed{seed}")
+    t0 = time.perf_counter()
     summary = train_and_evaluate(cd, workdir)
+    train_wall_s = time.perf_counter() - t0  # this call only: a resumed run counts the resumed part
     if summary.get("interrupted"):  # SIGTERM/SIGINT: the trainer saved and returned; stop here too
         raise SystemExit(f"{workdir}: interrupted ({summary['interrupted']}) at step {summary['step']}; "
                          "run the same command again to resume")
     if summary["step"] != cd.train.num_steps:  # a reused --out holding a longer run
         raise SystemExit(f"{workdir} holds a run at step {summary['step']}, not {cd.train.num_steps}: "
                          "use a new --out (or the same --steps) so the table says what was trained")
-    return {"workdir": workdir, "num_steps": cd.train.num_steps, **summary}
+    return {"workdir": workdir, "num_steps": cd.train.num_steps, "train_wall_s": train_wall_s, **summary}
 
 
 def main(argv=None) -> int:
@@ -80,6 +83,7 @@ def main(argv=None) -> int:
             mass = attention_by_distance(ecfg, params, streams, skip=ecfg.mem_len // ecfg.tgt_len + 1)
             results[memory].append({"seed": seed, "test_loss": res.loss, **unit_metrics(res.loss, ds.unit),
                                     "valid_loss": r.get("valid_loss"), "workdir": r["workdir"],
+                                    "train_wall_s": r["train_wall_s"],
                                     "sweep": sweep, "params": int(sum(np.prod(x.shape) for x in
                                                                         __import__("jax").tree.leaves(params)))})
             curves[f"{memory} s{seed}"] = read_metrics(os.path.join(r["workdir"], "metrics.jsonl"))

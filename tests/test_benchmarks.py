@@ -50,7 +50,8 @@ def test_compare_refuses_a_reused_out_holding_a_run_at_other_steps(tmp_path, mon
         return {"workdir": workdir, "step": 1000}
 
     monkeypatch.setattr(compare, "train_and_evaluate", fake_train)
-    assert compare.run_one("sotu_words", "xl", 0, 0, str(tmp_path))["num_steps"] == 1000
+    r = compare.run_one("sotu_words", "xl", 0, 0, str(tmp_path))
+    assert r["num_steps"] == 1000 and r["train_wall_s"] >= 0  # the run's time goes into summary.json
     assert seen["num_steps"] == 1000  # --steps 0: configs/compare.py's (the docs/results.md runs)
     with pytest.raises(SystemExit, match="holds a run at step 1000, not 400"):
         compare.run_one("sotu_words", "xl", 0, 400, str(tmp_path))
