@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--sweep_tokens", type=int, default=32768, help="test tokens used by the memory sweep")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
+    warmup = importlib.import_module("configs.compare").get_config(args.dataset).train.warmup_steps
+    if args.steps and args.steps <= warmup:  # the schedule warms up over the first warmup_steps
+        p.error(f"--steps={args.steps}: must be 0 (configs/compare.py's) or > the recipe's "
+                f"warmup_steps ({warmup}) for --dataset={args.dataset}")
     tune_cpu_host()  # before the first computation (lamemo_jax.host)
     seeds = [int(s) for s in args.seeds.split(",")]
     mem_lens = [int(m) for m in args.mem_lens.split(",")]
@@ -93,7 +97,9 @@ def main(argv=None) -> int:
                   f"{unit_metrics(res.loss, ds.unit)}", flush=True)
     metric = "ppl" if ds.unit == "word" else "bpc"
     summary = {"dataset": args.dataset, "unit": ds.unit, "metric": metric, "steps": r["num_steps"],
-               "seeds": seeds, "results": results}
+               "seeds": seeds, "results": results, "mem_lens": mem_lens,
+               # the plots' numbers: mean over seeds of the attention mass by relative distance
+               "attention_by_distance": {m: [float(x) for x in np.mean(attn[m], 0)] for m in attn}}
     lines = [f"| memory | params | test {metric} mean ± std | per seed |", "|---|---|---|---|"]
     for memory in ("lamemo", "xl"):
         vals = [r[metric] for r in results[memory]]
@@ -118,4 +124,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lamemo_jax.cli import run_reporting_errors
+    sys.exit(run_reporting_errors(main))  # a config or data error: one line, exit 2

@@ -324,3 +324,13 @@ def test_kernel_benchmark_sweeps_block_sizes(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bench_kernels.main(["--block-sizes=64,64"])
     assert "block_q,block_k,block_bwd" in capsys.readouterr().err
+
+
+def test_compare_rejects_steps_inside_the_warmup_before_training(capsys):
+    from benchmarks import compare
+    for steps, dataset, warmup in ((2, "wiki_chars", 50), (-5, "sotu_words", 100)):
+        with pytest.raises(SystemExit) as e:
+            compare.main([f"--steps={steps}", f"--dataset={dataset}", "--out=/nonexistent/never-written"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--steps={steps}" in err and f"warmup_steps ({warmup})" in err
