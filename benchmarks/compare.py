@@ -2,6 +2,7 @@
 
     python -m benchmarks.compare --dataset=wiki_chars --seeds=0,1,2 --out=runs/compare  # 400 steps
     python -m benchmarks.compare --dataset=sotu_words --seeds=0,1,2 --out=runs/compare  # 1000 steps
+    (--steps=6000 for chars and --steps=2000 for words: the longer runs of docs/results.md)
 
 For each memory type and seed: trains configs/compare.py (4 layers, d_model 128, tgt_len = mem_len
 = 64; only the dataset, memory type and seed differ), evaluates the test split with the original

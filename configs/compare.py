@@ -3,6 +3,9 @@
 Command (runs both memories and three seeds, then writes the tables and plots):
     python -m benchmarks.compare --dataset=wiki_chars --seeds=0,1,2     # 400 steps per run
     python -m benchmarks.compare --dataset=sotu_words --seeds=0,1,2     # 1000 steps per run
+Trained longer (docs/results.md, the eighth session's tables; 5-10 minutes per run here):
+    python -m benchmarks.compare --dataset=wiki_chars --seeds=0,1,2 --steps=6000  # 2.2 epochs
+    python -m benchmarks.compare --dataset=sotu_words --seeds=0,1,2 --steps=2000  # 1 epoch
 One run by hand:
     python train.py --config=configs/compare.py:wiki_chars --config.model.memory=xl --workdir=runs/c
 Hardware: a 2-core CPU, a few minutes per run. Params: 4 layers, d_model 128, 4 x 32 heads,
