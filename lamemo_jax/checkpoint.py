@@ -20,6 +20,8 @@ from typing import Any, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
+from lamemo_jax.fileio import write_text_atomic
+
 MANIFEST = "lamemo_manifest.json"
 
 
@@ -46,12 +48,7 @@ def _sha256(path: str) -> str:
 
 def write_manifest(step_dir: str) -> None:
     manifest = {rel: _sha256(p) for rel, p in _files(step_dir)}
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=0, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    write_text_atomic(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=0, sort_keys=True))
 
 
 def verify_manifest(step_dir: str) -> Optional[str]:

@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any, Dict, Iterable, Optional
 
+from lamemo_jax.fileio import write_text_atomic
+
 LN2 = math.log(2.0)
 
 
@@ -61,12 +63,7 @@ class MetricWriter:
         keep = [r for r in read_metrics(self.path)
                 if r.get("step", 0) < step or (r.get("step", 0) == step and not (
                     drop_evals_at_last and r.get("split", "train") != "train"))]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
 
     def flush(self):
         if self._tb is not None:

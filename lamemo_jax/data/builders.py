@@ -46,6 +46,7 @@ from lamemo_jax.data.config import (
 )
 from lamemo_jax.data.corpora import SPLITS
 from lamemo_jax.data.vocab import Vocab
+from lamemo_jax.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 DATA_VERSION = "1.0.0"
@@ -421,13 +422,10 @@ def _short(hashes: Dict[str, Any]) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(obj))
     except OSError as e:  # e.g. a read-only shared cache: only the next load hashes again
         log.info("could not record the verified sources in %s (%s)", path, e)
-        tmp.unlink(missing_ok=True)
 
 
 def rebuild(cfg: DataConfig, builder: LmBuilder) -> LmBuilder:
