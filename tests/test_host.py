@@ -9,12 +9,12 @@ rows nothing reads: its temporaries now stay below the threshold.)
 The training state after those steps is bit for bit the same either way.
 """
 
+import concurrent.futures
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 
 import jax
 import pytest
@@ -47,35 +47,21 @@ print(json.dumps({"applied": applied, "faults_per_step": faults, "state_sha256":
 """
 
 
-def _run(*switches: str) -> list:
-    """One process per switch value, run side by side (the fault counts are per process)."""
-    procs = []
-    for switch in switches:
-        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **{host.ENV_SWITCH: switch})
-        env.pop("JAX_NUM_CPU_DEVICES", None)
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if not f.startswith(host.VECTOR_WIDTH_FLAG))
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill
-        procs.append((subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, stdout=out,
-                                       stderr=err, text=True), out, err))
-    results = []
-    try:
-        for p, out, err in procs:
-            p.wait(timeout=600)
-            out.seek(0), err.seek(0)
-            assert p.returncode == 0, err.read()[-3000:]
-            results.append(json.loads(out.read().strip().splitlines()[-1]))
-    finally:
-        for p, out, err in procs:
-            if p.poll() is None:
-                p.kill()
-            out.close(), err.close()
-    return results
+def _run(switch: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **{host.ENV_SWITCH: switch})
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith(host.VECTOR_WIDTH_FLAG))
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
 def test_tuned_cpu_step_takes_no_page_faults_and_untuned_one_does_with_the_same_results():
-    tuned, off = _run("1", "0")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # side by side: fault counts are per process
+        tuned, off = pool.map(_run, ["1", "0"])
     wide = 512 if "avx512f" in host._cpu_flags() else "no AVX-512 (XLA's default vector width kept)"
     assert tuned["applied"] == {"malloc": "glibc mallopt", "inline_cpu_dispatch": True,
                                 "cpu_vector_width": wide}

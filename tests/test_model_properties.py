@@ -34,7 +34,7 @@ def test_causality_through_gradients(lookahead):
     """The loss at t has exactly zero gradient w.r.t. the input embedding of every later token.
 
     Every position holds a distinct token id and the softmax is untied, so the gradient w.r.t. a
-    table row is the gradient w.r.t. that position's input embedding. Two segments, memory
+    table row is the gradient w.r.t. that position's input embedding. Three segments, memory
     refresh included, train mode with dropout.
     """
     n = 6
