@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks.profile_step import trace_calls
 from benchmarks.throughput import load_config_file
 from lamemo_jax.embedding import pad_to_multiple
+from lamemo_jax.host import tune_cpu_host
 
 
 def layer_matmuls(cfg, batch: int) -> dict:
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    tune_cpu_host()  # before the first computation (lamemo_jax.host)
     exp = load_config_file(args.config)
     batch = args.batch or exp.train.batch_size
     dt = jnp.dtype(args.dtype)

@@ -51,6 +51,7 @@ from kernels._relpos_flash import resolve_target
 from kernels.lookahead import lookahead_pallas, lookahead_reference
 from kernels.rel_attention import rel_attention_pallas, rel_attention_reference
 from benchmarks.memory import compiled_mb, device_peak_mb
+from lamemo_jax.host import tune_cpu_host
 
 ACCEL_CONFIGS = "150x150x10x41,512x512x8x64,512x1024x8x64,256x2048x8x64"
 CPU_CONFIGS = "16x24x2x16,24x16x2x16"
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
                         "repeat for a sweep: one Pallas row per set")
     p.add_argument("--json", default=None, help="write the results here (JSON)")
     a = p.parse_args(argv)
+    tune_cpu_host()  # before the first computation (lamemo_jax.host)
     configs = [parse_config(c) for c in a.configs.split(",") if c]
     dtypes = [jnp.dtype(x) for x in a.dtypes.split(",") if x]
     kernel_names = [k for k in a.kernels.split(",") if k]

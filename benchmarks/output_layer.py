@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lamemo_jax import embedding
+from lamemo_jax.host import tune_cpu_host
 
 
 def _loss_fns(chunk: int):
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="autodiff,fused,fused_padv,fused_padvd,chunk")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    tune_cpu_host()  # before the first computation (lamemo_jax.host)
     fns = _loss_fns(args.chunk)
     names = [v for v in args.variants.split(",") if v]
     bad = [v for v in names if v not in fns]
