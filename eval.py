@@ -17,8 +17,9 @@ from ml_collections import config_flags
 from lamemo_jax import cli
 from lamemo_jax.host import tune_cpu_host
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (for --torch_checkpoint: "
-                                          "its data and eval sections).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, only with --torch_checkpoint: "
+                                          "its data and eval sections (a --workdir run's come from its "
+                                          "config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest good one).")
 _TORCH = flags.DEFINE_string("torch_checkpoint", None, "An original PyTorch checkpoint (.pt).")
@@ -26,8 +27,10 @@ _TORCH_CONFIG = flags.DEFINE_string("torch_config", None, "JSON of its MemTransf
 _SPLIT = flags.DEFINE_enum("split", None, ["valid", "test", "train"], "Split (default: eval.split).")
 _TGT = flags.DEFINE_integer("tgt_len", None, "Evaluation segment length (default: eval.tgt_len).")
 _MEM = flags.DEFINE_integer("mem_len", None, "Evaluation memory length (default: eval.mem_len).")
-_CLAMP = flags.DEFINE_integer("clamp_len", None, "Clamp distances (default: eval.clamp_len, -1 = off).")
-_SAME = flags.DEFINE_bool("same_length", None, "Same-length attention (default: eval.same_length).")
+_CLAMP = flags.DEFINE_integer("clamp_len", None, "Clamp distances, -1 = off (default: eval.clamp_len, "
+                               "or the model's).")
+_SAME = flags.DEFINE_bool("same_length", None, "Same-length attention (default: eval.same_length, or "
+                          "the model's).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Contiguous streams (default: eval.batch_size, 16).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Use only the first N tokens of the split (0: all).")
 _MEM_LENS = flags.DEFINE_list("mem_lens", None, "Memory-length sweep, e.g. 64,128,256.")

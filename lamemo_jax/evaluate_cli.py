@@ -32,9 +32,23 @@ def _load_model(workdir, step, config, torch_checkpoint, torch_config):
     return exp, cfg, params, f"{os.path.abspath(workdir)}/checkpoints/{step}"
 
 
-def _check_flags(*, tgt_len, mem_len, batch_size, max_tokens, mem_lens, max_new_tokens,
-                 temperature, top_p):
-    """A bad value is an error naming its flag, before any work (never a silent default)."""
+def _check_flags(*, step, config, torch_checkpoint, torch_config, split, tgt_len, mem_len,
+                 batch_size, max_tokens, mem_lens, output, prompt, max_new_tokens, temperature,
+                 top_p):
+    """A bad value, or a flag that the chosen mode would ignore, is an error naming the flag,
+    before any work (never a silent default or a silent no-op)."""
+    ignored = [("--step", step)] if torch_checkpoint else [("--config", config), ("--torch_config", torch_config)]
+    for name, value in ignored:
+        if value is not None:
+            raise ConfigError(f"{name} does not apply " + (
+                "with --torch_checkpoint" if torch_checkpoint else
+                "without --torch_checkpoint (a training run's settings come from its config.json; "
+                "change the evaluation with eval.py's flags)"))
+    if prompt is not None:
+        for name, value in (("--split", split), ("--batch_size", batch_size), ("--mem_lens", mem_lens),
+                            ("--max_tokens", max_tokens or None), ("--output", output)):
+            if value is not None:
+                raise ConfigError(f"{name} does not apply with --prompt (generation)")
     for name, v in (("tgt_len", tgt_len), ("batch_size", batch_size)):
         if v is not None and v <= 0:
             raise ConfigError(f"--{name}={v}: must be > 0 (leave it out for the config's eval.{name})")
@@ -65,8 +79,10 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
         mem_lens: Optional[Sequence[str]] = None, output: Optional[str] = None,
         prompt: Optional[str] = None, max_new_tokens: int = 100, temperature: float = 1.0,
         top_p: float = 0.9, seed: int = 0) -> dict:
-    _check_flags(tgt_len=tgt_len, mem_len=mem_len, batch_size=batch_size, max_tokens=max_tokens,
-                 mem_lens=mem_lens, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    _check_flags(step=step, config=config, torch_checkpoint=torch_checkpoint,
+                 torch_config=torch_config, split=split, tgt_len=tgt_len, mem_len=mem_len,
+                 batch_size=batch_size, max_tokens=max_tokens, mem_lens=mem_lens, output=output,
+                 prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     exp, cfg, params, source = _load_model(workdir, step, config, torch_checkpoint, torch_config)
     ds = data_lib.load(exp.data)
     if ds.vocab.n_token != cfg.n_token:
@@ -74,12 +90,8 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
                           f"{ds.vocab.n_token}")
     out_dir = workdir or os.getcwd()
     e = exp.eval
-    ecfg = cfg.replace(
-        tgt_len=tgt_len or e.tgt_len or cfg.tgt_len,
-        mem_len=mem_len if mem_len is not None else (cfg.mem_len if e.mem_len < 0 else e.mem_len),
-        clamp_len=clamp_len if clamp_len is not None else e.clamp_len,
-        same_length=same_length if same_length is not None else e.same_length,
-        dropout=0.0, dropatt=0.0)
+    ecfg = exp.eval_model(cfg, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len,
+                          same_length=same_length)
 
     if prompt is not None:
         try:

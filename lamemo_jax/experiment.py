@@ -65,14 +65,26 @@ class TrainConfig:
             raise ConfigError(f"train.remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.warmup_steps >= self.num_steps and self.warmup_steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: must be < num_steps")
+        # settings that the chosen optimizer or schedule would ignore: an error, not a silent no-op
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ConfigError(f"train.weight_decay={self.weight_decay} applies only with "
+                              f"train.optimizer='adamw' (it is {self.optimizer!r})")
+        if self.min_learning_rate and self.schedule != "cosine":
+            raise ConfigError(f"train.min_learning_rate={self.min_learning_rate} applies only with "
+                              f"train.schedule='cosine' (it is {self.schedule!r})")
+        if self.min_learning_rate > self.learning_rate:
+            raise ConfigError(f"train.min_learning_rate={self.min_learning_rate}: must be <= "
+                              f"train.learning_rate={self.learning_rate} (the cosine decays to it)")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     tgt_len: int = 0  # 0: model.tgt_len
     mem_len: int = -1  # -1: model.mem_len
-    clamp_len: int = -1  # -1: off (the original's eval protocol)
-    same_length: bool = False
+    # None: the model's (the original's eval.py keeps the trained clamp_len and same_length
+    # unless told otherwise); clamp_len -1 or 0: off
+    clamp_len: Optional[int] = None
+    same_length: Optional[bool] = None
     batch_size: int = 16  # contiguous streams (the original's protocol)
     split: str = "test"
 
@@ -81,8 +93,12 @@ class EvalConfig:
         _positive(self, "batch_size")
         if self.mem_len < -1:
             raise ConfigError(f"eval.mem_len={self.mem_len}: must be >= 0 (or -1 = model.mem_len)")
-        if self.clamp_len < -1:
-            raise ConfigError(f"eval.clamp_len={self.clamp_len}: must be >= -1")
+        if self.clamp_len is not None and (isinstance(self.clamp_len, bool) or not isinstance(self.clamp_len, int)
+                                           or self.clamp_len < -1):
+            raise ConfigError(f"eval.clamp_len={self.clamp_len!r}: must be an integer >= -1 (-1 or 0: "
+                              "off), or None for the model's")
+        if self.same_length is not None and not isinstance(self.same_length, bool):
+            raise ConfigError(f"eval.same_length={self.same_length!r}: True, False, or None for the model's")
         if self.split not in SPLITS:
             raise ConfigError(f"eval.split={self.split!r}: choose one of {SPLITS}")
 
@@ -154,13 +170,20 @@ class ExperimentConfig:
                    eval=_build(EvalConfig, "eval", d.get("eval", {})),
                    mesh=_build(MeshConfig, "mesh", d.get("mesh", {})))
 
-    def eval_model(self, *, mem_len: Optional[int] = None) -> ModelConfig:
-        """The model config with the evaluation lengths of the ``eval`` section."""
-        e = self.eval
-        m = self.model
-        return m.replace(tgt_len=e.tgt_len or m.tgt_len,
-                         mem_len=(mem_len if mem_len is not None else (m.mem_len if e.mem_len < 0 else e.mem_len)),
-                         clamp_len=e.clamp_len, same_length=e.same_length, dropout=0.0, dropatt=0.0)
+    def eval_model(self, model: Optional[ModelConfig] = None, *, tgt_len: Optional[int] = None,
+                   mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                   same_length: Optional[bool] = None) -> ModelConfig:
+        """``model`` (default: the model section) as evaluated: no dropout, and the evaluation
+        settings. An argument given (eval.py's flags) overrides the ``eval`` section; the
+        section's unset values (tgt_len 0, mem_len -1, clamp_len and same_length None) keep the
+        model's."""
+        e, m = self.eval, model or self.model
+        first = lambda *values: next(v for v in values if v is not None)
+        return m.replace(tgt_len=tgt_len or e.tgt_len or m.tgt_len,
+                         mem_len=first(mem_len, e.mem_len if e.mem_len >= 0 else None, m.mem_len),
+                         clamp_len=first(clamp_len, e.clamp_len, m.clamp_len),
+                         same_length=first(same_length, e.same_length, m.same_length),
+                         dropout=0.0, dropatt=0.0)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -176,6 +199,9 @@ def base_config() -> ml_collections.ConfigDict:
     cd.model = ml_collections.ConfigDict(model, type_safe=False)
     cd.data = ml_collections.ConfigDict({"name": "random"}, type_safe=False)
     cd.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
-    cd.eval = ml_collections.ConfigDict(dataclasses.asdict(EvalConfig()))
+    evaluation = dataclasses.asdict(EvalConfig())
+    evaluation["clamp_len"] = ml_collections.config_dict.placeholder(int)  # None: the model's
+    evaluation["same_length"] = ml_collections.config_dict.placeholder(bool)
+    cd.eval = ml_collections.ConfigDict(evaluation)
     cd.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
     return cd

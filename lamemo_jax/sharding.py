@@ -389,10 +389,12 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     reads the TPU / SLURM / Open MPI environment. Otherwise nothing (one process).
     Must run before any other JAX call that touches devices.
     """
-    if coordinator_address:
-        if num_processes is None or process_id is None:
+    if coordinator_address or num_processes is not None or process_id is not None:
+        if not (coordinator_address and num_processes is not None and process_id is not None):
             from lamemo_jax.config import ConfigError
-            raise ConfigError("--coordinator_address needs --num_processes and --process_id")
+            raise ConfigError("--coordinator_address, --num_processes and --process_id go together "
+                              "(an explicit multi-process start); leave all three out for one "
+                              "process or a detected cluster")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=int(num_processes), process_id=int(process_id))
         return True

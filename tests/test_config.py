@@ -71,6 +71,41 @@ def test_unknown_keys_are_rejected():
         ExperimentConfig.from_config_dict(cd)
 
 
+@pytest.mark.parametrize("train, match", [
+    (dict(weight_decay=0.1), r"train.weight_decay=0.1 applies only with train.optimizer='adamw'"),
+    (dict(schedule="constant", min_learning_rate=1e-4), r"min_learning_rate=0.0001 applies only with "
+                                                        r"train.schedule='cosine'"),
+    (dict(learning_rate=1e-3, min_learning_rate=2e-3), r"min_learning_rate=0.002: must be <= "),
+])
+def test_settings_the_optimizer_or_schedule_would_ignore_are_errors(train, match):
+    cd = importlib.import_module("configs.wt103").get_config()
+    cd.train.update(train)
+    with pytest.raises(ConfigError, match=match):
+        ExperimentConfig.from_config_dict(cd)
+    cd.train.update(optimizer="adamw", schedule="cosine", min_learning_rate=0.0)  # where they apply
+    ExperimentConfig.from_config_dict(cd)
+
+
+def test_evaluation_keeps_the_models_clamp_len_and_same_length_unless_told():
+    """As the original's eval.py: the trained model's clamp_len / same_length, unless the eval
+    section or eval.py's flags set them (the same function serves the trainer and eval.py)."""
+    cd = importlib.import_module("configs.tiny").get_config()
+    cd.model.update(clamp_len=5, same_length=True, dropout=0.1)
+    exp = ExperimentConfig.from_config_dict(cd)
+    assert exp.eval.clamp_len is None and exp.eval.same_length is None
+    m = exp.eval_model()
+    assert (m.clamp_len, m.same_length, m.dropout, m.tgt_len, m.mem_len) == (5, True, 0.0, 16, 16)
+    cd.eval.update(clamp_len=-1, same_length=False, tgt_len=8, mem_len=32)
+    exp = ExperimentConfig.from_config_dict(cd)
+    m = exp.eval_model()
+    assert (m.clamp_len, m.same_length, m.tgt_len, m.mem_len) == (-1, False, 8, 32)
+    m = exp.eval_model(exp.model.replace(n_token=7), clamp_len=3, same_length=True, tgt_len=4, mem_len=0)
+    assert (m.clamp_len, m.same_length, m.tgt_len, m.mem_len, m.n_token) == (3, True, 4, 0, 7)
+    for bad in (dict(clamp_len=-2), dict(same_length=1)):
+        with pytest.raises(ConfigError, match="eval." + next(iter(bad))):
+            ExperimentConfig.from_config_dict({**cd.to_dict(), "eval": {**cd.eval.to_dict(), **bad}})
+
+
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_file_loads_and_builds(name):
     mod = importlib.import_module(f"configs.{name}")
@@ -115,7 +150,7 @@ def test_every_unset_field_can_be_set_from_the_command_line(name):
     from absl import flags
     from ml_collections import config_flags
     sample = {str: ("/tmp/lamemo_manual", "/tmp/lamemo_manual"), int: ("3", 3), float: ("0.25", 0.25),
-              tuple: ("(True,)", (True,))}
+              tuple: ("(True,)", (True,)), bool: ("True", True)}
     cd = importlib.import_module(f"configs.{name}").get_config()
     unset = [(path, typ) for path, value, typ in _leaves(cd) if value is None]
     assert "data.manual_dir" in [p for p, _ in unset]

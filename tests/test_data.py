@@ -71,9 +71,14 @@ def test_standard_split_constants():
     ({"name": "wiki_bytes", "valid_size": 10, "valid_fraction": 0.1}, "data.valid_size"),
     ({"name": "enwik8", "min_count": 2}, "data.min_count"),
     ({"name": "random", "random_n_token": 1}, "data.random_n_token"),
+    # the random source's settings on a real corpus (would be ignored): data order is train.seed
+    ({"name": "enwik8", "seed": 7}, r"data.seed=7: only applies to the random source .*train.seed"),
+    ({"name": "sotu_words", "random_length": 5000}, "data.random_length"),
+    ({"name": "wiki_chars", "random_eval_length": 100}, "data.random_eval_length"),
+    ({"name": "wikitext103", "random_n_token": 50}, "data.random_n_token"),
 ])
 def test_config_errors_name_the_field(kw, field):
-    with pytest.raises(data.DataConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(data.DataConfigError, match=field.replace("data.", r"data\.")):
         data.DataConfig.from_any(kw)
 
 

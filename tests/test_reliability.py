@@ -262,6 +262,16 @@ def test_clear_errors_for_bad_input(tmp_path):
     assert r.returncode != 0 and "batch_siez" in r.stderr
 
 
+@pytest.mark.parametrize("coordinator,num_processes,process_id", [
+    (None, 2, 0), (None, None, 1), (None, 2, None), ("127.0.0.1:1234", None, 0), ("127.0.0.1:1234", 2, None)])
+def test_explicit_multi_process_flags_go_together(coordinator, num_processes, process_id):
+    """train.py's --coordinator_address / --num_processes / --process_id: a partial set is an
+    error (--num_processes alone had been ignored: a silent single-process run)."""
+    from lamemo_jax.sharding import initialize_distributed
+    with pytest.raises(ConfigError, match="go together"):
+        initialize_distributed(coordinator, num_processes, process_id, auto=False)
+
+
 def test_disk_full_during_checkpoint_keeps_the_previous(tmp_path, monkeypatch):
     wd = str(tmp_path / "full")
     train_and_evaluate(tiny(num_steps=2), wd)

@@ -143,6 +143,14 @@ def test_a_prompt_outside_the_vocabulary_is_a_clear_error(tiny_run):
     (dict(mem_lens=["64", "x"]), "--mem_lens: 'x'"), (dict(mem_lens=["-8"]), "--mem_lens: '-8'"),
     (dict(max_new_tokens=-3), "--max_new_tokens=-3"), (dict(temperature=0.0), "--temperature=0.0"),
     (dict(top_p=1.5), "--top_p=1.5"),
+    # flags the chosen mode would ignore
+    (dict(config={"eval": {"batch_size": 4}}), "--config does not apply without --torch_checkpoint"),
+    (dict(torch_config="args.json"), "--torch_config does not apply without --torch_checkpoint"),
+    (dict(torch_checkpoint="model.pt", step=3), "--step does not apply with --torch_checkpoint"),
+    (dict(prompt="the", mem_lens=["8"]), "--mem_lens does not apply with --prompt"),
+    (dict(prompt="the", max_tokens=100), "--max_tokens does not apply with --prompt"),
+    (dict(prompt="the", split="valid"), "--split does not apply with --prompt"),
+    (dict(prompt="the", output="out.json"), "--output does not apply with --prompt"),
 ])
 def test_bad_eval_flags_are_errors_naming_the_flag(kw, flag):
     """Never a silent default (0 meant "the config's" for --tgt_len) or a silent no-op."""

@@ -140,6 +140,13 @@ class DataConfig:
             self._fail("random_eval_length", "must be an integer >= 2 or None")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             self._fail("seed", "must be an integer >= 0")
+        if self.name != "random":
+            for f in dataclasses.fields(self):
+                if f.name in ("random_n_token", "random_length", "random_eval_length", "seed") \
+                        and getattr(self, f.name) != f.default:
+                    self._fail(f.name, "only applies to the random source (data.name='random'), not "
+                               f"{self.name}" + ("; the order of the training data is train.seed"
+                                                 if f.name == "seed" else ""))
 
     # ------------------------------------------------------------------ derived
     @property
