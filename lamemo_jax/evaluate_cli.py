@@ -32,18 +32,19 @@ def _load_model(workdir, step, config, torch_checkpoint, torch_config):
     return exp, cfg, params, f"{os.path.abspath(workdir)}/checkpoints/{step}"
 
 
-def _check_flags(*, step, config, torch_checkpoint, torch_config, split, tgt_len, mem_len,
+def _check_flags(*, workdir, step, config, torch_checkpoint, torch_config, split, tgt_len, mem_len,
                  batch_size, max_tokens, mem_lens, output, prompt, max_new_tokens, temperature,
                  top_p):
     """A bad value, or a flag that the chosen mode would ignore, is an error naming the flag,
     before any work (never a silent default or a silent no-op)."""
-    ignored = [("--step", step)] if torch_checkpoint else [("--config", config), ("--torch_config", torch_config)]
-    for name, value in ignored:
-        if value is not None:
-            raise ConfigError(f"{name} does not apply " + (
-                "with --torch_checkpoint" if torch_checkpoint else
-                "without --torch_checkpoint (a training run's settings come from its config.json; "
-                "change the evaluation with eval.py's flags)"))
+    if torch_checkpoint and step is not None:
+        raise ConfigError("--step does not apply with --torch_checkpoint (one model, no checkpoint steps)")
+    for name, value in (("--config", config), ("--torch_config", torch_config)):
+        if value is not None and not torch_checkpoint:
+            raise ConfigError(
+                f"{name} does not apply with --workdir: a training run's settings come from its "
+                "config.json; change the evaluation with eval.py's flags (--split, --batch_size, ...)"
+                if workdir else f"{name} needs --torch_checkpoint (an original PyTorch checkpoint)")
     if prompt is not None:
         for name, value in (("--split", split), ("--batch_size", batch_size), ("--mem_lens", mem_lens),
                             ("--max_tokens", max_tokens or None), ("--output", output)):
@@ -79,7 +80,7 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
         mem_lens: Optional[Sequence[str]] = None, output: Optional[str] = None,
         prompt: Optional[str] = None, max_new_tokens: int = 100, temperature: float = 1.0,
         top_p: float = 0.9, seed: int = 0) -> dict:
-    _check_flags(step=step, config=config, torch_checkpoint=torch_checkpoint,
+    _check_flags(workdir=workdir, step=step, config=config, torch_checkpoint=torch_checkpoint,
                  torch_config=torch_config, split=split, tgt_len=tgt_len, mem_len=mem_len,
                  batch_size=batch_size, max_tokens=max_tokens, mem_lens=mem_lens, output=output,
                  prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from lamemo_jax.config import ConfigError, ModelConfig
+from lamemo_jax.config import ConfigError, ModelConfig, _is_int, _py
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -68,10 +68,12 @@ class TrainConfig:
         # settings that the chosen optimizer or schedule would ignore: an error, not a silent no-op
         if self.weight_decay and self.optimizer != "adamw":
             raise ConfigError(f"train.weight_decay={self.weight_decay} applies only with "
-                              f"train.optimizer='adamw' (it is {self.optimizer!r})")
+                              f"train.optimizer='adamw' (it is {self.optimizer!r}): set one of "
+                              "train.optimizer='adamw' or train.weight_decay=0")
         if self.min_learning_rate and self.schedule != "cosine":
             raise ConfigError(f"train.min_learning_rate={self.min_learning_rate} applies only with "
-                              f"train.schedule='cosine' (it is {self.schedule!r})")
+                              f"train.schedule='cosine' (it is {self.schedule!r}): set "
+                              "train.min_learning_rate=0 for a constant rate")
         if self.min_learning_rate > self.learning_rate:
             raise ConfigError(f"train.min_learning_rate={self.min_learning_rate}: must be <= "
                               f"train.learning_rate={self.learning_rate} (the cosine decays to it)")
@@ -93,8 +95,9 @@ class EvalConfig:
         _positive(self, "batch_size")
         if self.mem_len < -1:
             raise ConfigError(f"eval.mem_len={self.mem_len}: must be >= 0 (or -1 = model.mem_len)")
-        if self.clamp_len is not None and (isinstance(self.clamp_len, bool) or not isinstance(self.clamp_len, int)
-                                           or self.clamp_len < -1):
+        for f in ("clamp_len", "same_length"):  # NumPy scalars as the Python values they hold
+            object.__setattr__(self, f, _py(getattr(self, f)))
+        if self.clamp_len is not None and (not _is_int(self.clamp_len) or self.clamp_len < -1):
             raise ConfigError(f"eval.clamp_len={self.clamp_len!r}: must be an integer >= -1 (-1 or 0: "
                               "off), or None for the model's")
         if self.same_length is not None and not isinstance(self.same_length, bool):

@@ -518,6 +518,37 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
 
 
 # --------------------------------------------------------------------------- loading a run
+def recorded_experiment(info: dict, path: str) -> ExperimentConfig:
+    """The ExperimentConfig of a run's config.json (``info``, read from ``path``).
+
+    Settings that had no effect on the run and are errors since they are checked (weight_decay
+    with optimizer 'adam', min_learning_rate with a constant schedule, the random source's fields
+    on a real corpus) are reset to their defaults, with a warning: the run loads as it trained.
+    Any other invalid value is an error naming the file."""
+    from lamemo_jax.data.config import DataConfig, DataConfigError
+    sections = {k: dict(info[k]) for k in ("model", "data", "train", "eval", "mesh")}
+    train, data, reset = sections["train"], sections["data"], []
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key, applies in (("weight_decay", train.get("optimizer") == "adamw"),
+                         ("min_learning_rate", train.get("schedule", defaults["schedule"]) == "cosine")):
+        if not applies and train.get(key, defaults[key]) != defaults[key]:
+            reset.append(f"train.{key}={train[key]!r}")
+            train[key] = defaults[key]
+    if data.get("name") != "random":
+        for f in dataclasses.fields(DataConfig):
+            if f.name in ("seed", "random_n_token", "random_length", "random_eval_length") \
+                    and data.get(f.name, f.default) != f.default:
+                reset.append(f"data.{f.name}={data[f.name]!r}")
+                data[f.name] = f.default
+    if reset:
+        logging.warning("%s: %s had no effect on this run (ignored by its optimizer, schedule or "
+                        "corpus); loaded with the defaults", path, ", ".join(reset))
+    try:
+        return ExperimentConfig.from_config_dict(sections)
+    except (ConfigError, DataConfigError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
 def load_run(workdir: str, step: Optional[int] = None):
     """(ExperimentConfig, ModelConfig, params, step) of a training workdir's checkpoint
     (the latest good one, or ``step``)."""
@@ -525,8 +556,7 @@ def load_run(workdir: str, step: Optional[int] = None):
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{workdir} is not a training workdir (no config.json)")
-    info = json.load(open(path))
-    exp = ExperimentConfig.from_config_dict({k: info[k] for k in ("model", "data", "train", "eval", "mesh")})
+    exp = recorded_experiment(json.load(open(path)), path)
     cfg = exp.model
     optimizer = make_optimizer(exp.train)
     abstract = jax.eval_shape(lambda: init_train_state(cfg, exp.train, optimizer, exp.train.batch_size))

@@ -86,6 +86,26 @@ def test_settings_the_optimizer_or_schedule_would_ignore_are_errors(train, match
     ExperimentConfig.from_config_dict(cd)
 
 
+def test_a_run_recorded_before_the_checks_loads_as_it_trained(caplog):
+    """A config.json holding settings its run ignored (and that are errors now) loads with them at
+    their defaults and a warning naming them; any other bad value is an error naming the file."""
+    from lamemo_jax.trainer import recorded_experiment
+    info = importlib.import_module("configs.default").get_config().to_dict()
+    info["train"].update(schedule="constant", optimizer="adam", weight_decay=0.01)  # min_learning_rate 1e-4
+    info["data"]["seed"] = 3
+    with caplog.at_level("WARNING"):
+        exp = recorded_experiment(info, "/runs/a/config.json")
+    assert (exp.train.min_learning_rate, exp.train.weight_decay, exp.data["seed"]) == (0.0, 0.0, 0)
+    assert exp.train.schedule == "constant" and exp.train.learning_rate == info["train"]["learning_rate"]
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    for part in ("/runs/a/config.json", "train.min_learning_rate=0.0001", "train.weight_decay=0.01",
+                 "data.seed=3"):
+        assert part in msg, msg
+    info["train"]["batch_size"] = 0
+    with pytest.raises(ConfigError, match=r"/runs/a/config.json: .*batch_size"):
+        recorded_experiment(info, "/runs/a/config.json")
+
+
 def test_evaluation_keeps_the_models_clamp_len_and_same_length_unless_told():
     """As the original's eval.py: the trained model's clamp_len / same_length, unless the eval
     section or eval.py's flags set them (the same function serves the trainer and eval.py)."""
@@ -101,6 +121,8 @@ def test_evaluation_keeps_the_models_clamp_len_and_same_length_unless_told():
     assert (m.clamp_len, m.same_length, m.tgt_len, m.mem_len) == (-1, False, 8, 32)
     m = exp.eval_model(exp.model.replace(n_token=7), clamp_len=3, same_length=True, tgt_len=4, mem_len=0)
     assert (m.clamp_len, m.same_length, m.tgt_len, m.mem_len, m.n_token) == (3, True, 4, 0, 7)
+    from lamemo_jax.experiment import EvalConfig  # NumPy scalars mean their Python values
+    assert EvalConfig(clamp_len=np.int64(5), same_length=np.bool_(True)) == EvalConfig(clamp_len=5, same_length=True)
     for bad in (dict(clamp_len=-2), dict(same_length=1)):
         with pytest.raises(ConfigError, match="eval." + next(iter(bad))):
             ExperimentConfig.from_config_dict({**cd.to_dict(), "eval": {**cd.eval.to_dict(), **bad}})

@@ -144,8 +144,9 @@ def test_a_prompt_outside_the_vocabulary_is_a_clear_error(tiny_run):
     (dict(max_new_tokens=-3), "--max_new_tokens=-3"), (dict(temperature=0.0), "--temperature=0.0"),
     (dict(top_p=1.5), "--top_p=1.5"),
     # flags the chosen mode would ignore
-    (dict(config={"eval": {"batch_size": 4}}), "--config does not apply without --torch_checkpoint"),
-    (dict(torch_config="args.json"), "--torch_config does not apply without --torch_checkpoint"),
+    (dict(config={"eval": {"batch_size": 4}}), "--config does not apply with --workdir"),
+    (dict(torch_config="args.json"), "--torch_config does not apply with --workdir"),
+    (dict(workdir=None, torch_config="args.json"), "--torch_config needs --torch_checkpoint"),
     (dict(torch_checkpoint="model.pt", step=3), "--step does not apply with --torch_checkpoint"),
     (dict(prompt="the", mem_lens=["8"]), "--mem_lens does not apply with --prompt"),
     (dict(prompt="the", max_tokens=100), "--max_tokens does not apply with --prompt"),
@@ -156,7 +157,7 @@ def test_bad_eval_flags_are_errors_naming_the_flag(kw, flag):
     """Never a silent default (0 meant "the config's" for --tgt_len) or a silent no-op."""
     from lamemo_jax.config import ConfigError
     with pytest.raises(ConfigError, match=re.escape(flag)):
-        eval_run(workdir="/nonexistent", **kw)  # checked before anything is loaded
+        eval_run(**{"workdir": "/nonexistent", **kw})  # checked before anything is loaded
 
 
 def test_generation_is_deterministic_and_follows_the_prompt(tiny_run):
