@@ -23,6 +23,10 @@ SPLITS = ("train", "valid", "test")
 REMAT_POLICIES = ("none", "full", "dots")  # train.remat (applied by lamemo_jax.sharding.remat)
 
 
+# train settings that only one optimizer / schedule reads: key -> (the field, the value it needs)
+CONDITIONAL_SETTINGS = {"weight_decay": ("optimizer", "adamw"), "min_learning_rate": ("schedule", "cosine")}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 8  # global batch (all processes)
@@ -65,15 +69,11 @@ class TrainConfig:
             raise ConfigError(f"train.remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.warmup_steps >= self.num_steps and self.warmup_steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: must be < num_steps")
-        # settings that the chosen optimizer or schedule would ignore: an error, not a silent no-op
-        if self.weight_decay and self.optimizer != "adamw":
-            raise ConfigError(f"train.weight_decay={self.weight_decay} applies only with "
-                              f"train.optimizer='adamw' (it is {self.optimizer!r}): set one of "
-                              "train.optimizer='adamw' or train.weight_decay=0")
-        if self.min_learning_rate and self.schedule != "cosine":
-            raise ConfigError(f"train.min_learning_rate={self.min_learning_rate} applies only with "
-                              f"train.schedule='cosine' (it is {self.schedule!r}): set "
-                              "train.min_learning_rate=0 for a constant rate")
+        for key, (on, value) in CONDITIONAL_SETTINGS.items():  # set, where it would be ignored
+            if getattr(self, key) and getattr(self, on) != value:
+                raise ConfigError(f"train.{key}={getattr(self, key)} applies only with train.{on}="
+                                  f"{value!r} (it is {getattr(self, on)!r}): set train.{key}=0 or "
+                                  f"train.{on}={value!r}")
         if self.min_learning_rate > self.learning_rate:
             raise ConfigError(f"train.min_learning_rate={self.min_learning_rate}: must be <= "
                               f"train.learning_rate={self.learning_rate} (the cosine decays to it)")

@@ -525,19 +525,18 @@ def recorded_experiment(info: dict, path: str) -> ExperimentConfig:
     with optimizer 'adam', min_learning_rate with a constant schedule, the random source's fields
     on a real corpus) are reset to their defaults, with a warning: the run loads as it trained.
     Any other invalid value is an error naming the file."""
-    from lamemo_jax.data.config import DataConfig, DataConfigError
+    from lamemo_jax.data.config import RANDOM_SOURCE_FIELDS, DataConfig, DataConfigError
+    from lamemo_jax.experiment import CONDITIONAL_SETTINGS
     sections = {k: dict(info[k]) for k in ("model", "data", "train", "eval", "mesh")}
     train, data, reset = sections["train"], sections["data"], []
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key, applies in (("weight_decay", train.get("optimizer") == "adamw"),
-                         ("min_learning_rate", train.get("schedule", defaults["schedule"]) == "cosine")):
-        if not applies and train.get(key, defaults[key]) != defaults[key]:
+    for key, (on, value) in CONDITIONAL_SETTINGS.items():
+        if train.get(key, defaults[key]) != defaults[key] and train.get(on, defaults[on]) != value:
             reset.append(f"train.{key}={train[key]!r}")
             train[key] = defaults[key]
     if data.get("name") != "random":
         for f in dataclasses.fields(DataConfig):
-            if f.name in ("seed", "random_n_token", "random_length", "random_eval_length") \
-                    and data.get(f.name, f.default) != f.default:
+            if f.name in RANDOM_SOURCE_FIELDS and data.get(f.name, f.default) != f.default:
                 reset.append(f"data.{f.name}={data[f.name]!r}")
                 data[f.name] = f.default
     if reset:

@@ -36,6 +36,8 @@ DEFAULT_VALID_FRACTION = 0.05
 DEFAULT_TEST_FRACTION = 0.05
 DEFAULT_MIN_COUNT = 3  # sotu_words: train tokens seen fewer times become <unk> (the WikiText rule)
 
+RANDOM_SOURCE_FIELDS = ("random_n_token", "random_length", "random_eval_length", "seed")  # name="random" only
+
 ENV_DATA_DIR = "LAMEMO_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/lamemo_jax"
 
@@ -142,8 +144,7 @@ class DataConfig:
             self._fail("seed", "must be an integer >= 0")
         if self.name != "random":
             for f in dataclasses.fields(self):
-                if f.name in ("random_n_token", "random_length", "random_eval_length", "seed") \
-                        and getattr(self, f.name) != f.default:
+                if f.name in RANDOM_SOURCE_FIELDS and getattr(self, f.name) != f.default:
                     self._fail(f.name, "only applies to the random source (data.name='random'), not "
                                f"{self.name}" + ("; the order of the training data is train.seed"
                                                  if f.name == "seed" else ""))
