@@ -35,7 +35,7 @@ from lamemo_jax.checkpoint import Checkpointer, CheckpointError
 from lamemo_jax.config import ConfigError, ModelConfig
 from lamemo_jax.evaluate import evaluate_tokens
 from lamemo_jax.flops import device_peak_flops, train_step_flops
-from lamemo_jax.experiment import ExperimentConfig, TrainConfig
+from lamemo_jax.experiment import CONDITIONAL_SETTINGS, ExperimentConfig, TrainConfig
 from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset_rows
 from lamemo_jax.metrics import MetricWriter, headline, plot_loss_curves, read_metrics, unit_metrics
 
@@ -526,7 +526,6 @@ def recorded_experiment(info: dict, path: str) -> ExperimentConfig:
     on a real corpus) are reset to their defaults, with a warning: the run loads as it trained.
     Any other invalid value is an error naming the file."""
     from lamemo_jax.data.config import RANDOM_SOURCE_FIELDS, DataConfig, DataConfigError
-    from lamemo_jax.experiment import CONDITIONAL_SETTINGS
     sections = {k: dict(info[k]) for k in ("model", "data", "train", "eval", "mesh")}
     train, data, reset = sections["train"], sections["data"], []
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
