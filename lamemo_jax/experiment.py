@@ -69,14 +69,22 @@ class TrainConfig:
             raise ConfigError(f"train.remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.warmup_steps >= self.num_steps and self.warmup_steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: must be < num_steps")
-        for key, (on, value) in CONDITIONAL_SETTINGS.items():  # set, where it would be ignored
-            if getattr(self, key) and getattr(self, on) != value:
-                raise ConfigError(f"train.{key}={getattr(self, key)} applies only with train.{on}="
-                                  f"{value!r} (it is {getattr(self, on)!r}): set train.{key}=0 or "
-                                  f"train.{on}={value!r}")
+        for key in ignored_train_settings(vars(self)):
+            on, value = CONDITIONAL_SETTINGS[key]
+            raise ConfigError(f"train.{key}={getattr(self, key)} applies only with train.{on}="
+                              f"{value!r} (it is {getattr(self, on)!r}): set train.{key}=0 or "
+                              f"train.{on}={value!r}")
         if self.min_learning_rate > self.learning_rate:
             raise ConfigError(f"train.min_learning_rate={self.min_learning_rate}: must be <= "
                               f"train.learning_rate={self.learning_rate} (the cosine decays to it)")
+
+
+def ignored_train_settings(section: Mapping[str, Any]) -> dict:
+    """{key: its default} for each of CONDITIONAL_SETTINGS set (not to its default) in a train
+    section whose optimizer / schedule would ignore it."""
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {key: default[key] for key, (on, value) in CONDITIONAL_SETTINGS.items()
+            if section.get(key, default[key]) != default[key] and section.get(on, default[on]) != value}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ from lamemo_jax.checkpoint import Checkpointer, CheckpointError
 from lamemo_jax.config import ConfigError, ModelConfig
 from lamemo_jax.evaluate import evaluate_tokens
 from lamemo_jax.flops import device_peak_flops, train_step_flops
-from lamemo_jax.experiment import CONDITIONAL_SETTINGS, ExperimentConfig, TrainConfig
+from lamemo_jax.experiment import ExperimentConfig, TrainConfig, ignored_train_settings
 from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset_rows
 from lamemo_jax.metrics import MetricWriter, headline, plot_loss_curves, read_metrics, unit_metrics
 
@@ -525,19 +525,13 @@ def recorded_experiment(info: dict, path: str) -> ExperimentConfig:
     with optimizer 'adam', min_learning_rate with a constant schedule, the random source's fields
     on a real corpus) are reset to their defaults, with a warning: the run loads as it trained.
     Any other invalid value is an error naming the file."""
-    from lamemo_jax.data.config import RANDOM_SOURCE_FIELDS, DataConfig, DataConfigError
+    from lamemo_jax.data.config import DataConfigError, ignored_random_source_fields
     sections = {k: dict(info[k]) for k in ("model", "data", "train", "eval", "mesh")}
-    train, data, reset = sections["train"], sections["data"], []
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key, (on, value) in CONDITIONAL_SETTINGS.items():
-        if train.get(key, defaults[key]) != defaults[key] and train.get(on, defaults[on]) != value:
-            reset.append(f"train.{key}={train[key]!r}")
-            train[key] = defaults[key]
-    if data.get("name") != "random":
-        for f in dataclasses.fields(DataConfig):
-            if f.name in RANDOM_SOURCE_FIELDS and data.get(f.name, f.default) != f.default:
-                reset.append(f"data.{f.name}={data[f.name]!r}")
-                data[f.name] = f.default
+    reset = []
+    for name, ignored in (("train", ignored_train_settings), ("data", ignored_random_source_fields)):
+        for key, default in ignored(sections[name]).items():
+            reset.append(f"{name}.{key}={sections[name][key]!r}")
+            sections[name][key] = default
     if reset:
         logging.warning("%s: %s had no effect on this run (ignored by its optimizer, schedule or "
                         "corpus); loaded with the defaults", path, ", ".join(reset))

@@ -142,12 +142,9 @@ class DataConfig:
             self._fail("random_eval_length", "must be an integer >= 2 or None")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             self._fail("seed", "must be an integer >= 0")
-        if self.name != "random":
-            for f in dataclasses.fields(self):
-                if f.name in RANDOM_SOURCE_FIELDS and getattr(self, f.name) != f.default:
-                    self._fail(f.name, "only applies to the random source (data.name='random'), not "
-                               f"{self.name}" + ("; the order of the training data is train.seed"
-                                                 if f.name == "seed" else ""))
+        for name in ignored_random_source_fields(vars(self)):
+            self._fail(name, f"only applies to the random source (data.name='random'), not {self.name}"
+                       + ("; the order of the training data is train.seed" if name == "seed" else ""))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -219,6 +216,15 @@ class DataConfig:
         if "name" not in d:
             raise DataConfigError(f"data.name is missing; choose one of {sorted(DATASETS)}")
         return cls(**d)
+
+
+def ignored_random_source_fields(section: Mapping[str, Any]) -> Dict[str, Any]:
+    """{field: its default} for each of the random source's fields set (not to its default) in a
+    data section whose dataset is another one, where nothing reads them."""
+    if section.get("name") == "random":
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(DataConfig)
+            if f.name in RANDOM_SOURCE_FIELDS and section.get(f.name, f.default) != f.default}
 
 
 def _is_configdict(x: Any) -> bool:
