@@ -1,9 +1,11 @@
-"""Small file helpers shared by the checkpoints, the metrics log and the data cache."""
+"""Small file helpers shared by the checkpoints, the metrics log, the trainer and the data cache."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+from typing import Callable, Iterator, Optional
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -22,3 +24,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, wait: bool,
+                   on_wait: Optional[Callable[[], None]] = None) -> Iterator[int]:
+    """Holds an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block and yields
+    its file descriptor. Held by another process (or another open of the file): ``wait=False`` raises
+    ``BlockingIOError`` at once; ``wait=True`` calls ``on_wait()`` once, then blocks until it is free.
+    The lock goes with the process, so a killed holder never leaves a stale lock behind."""
+    fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield fd
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

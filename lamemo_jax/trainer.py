@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
 import logging
 import math
@@ -34,6 +32,7 @@ from lamemo_jax.api import apply, init_params, out_of_vocab_id
 from lamemo_jax.checkpoint import Checkpointer, CheckpointError
 from lamemo_jax.config import ConfigError, ModelConfig
 from lamemo_jax.evaluate import evaluate_tokens
+from lamemo_jax.fileio import exclusive_lock
 from lamemo_jax.flops import device_peak_flops, train_step_flops
 from lamemo_jax.experiment import ExperimentConfig, TrainConfig, ignored_train_settings
 from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset_rows
@@ -195,22 +194,16 @@ def init_sharded_train_state(cfg: ModelConfig, tc: TrainConfig, optimizer, batch
 def workdir_lock(workdir: str):
     """Refuses a second trainer on the same workdir (an exclusive flock on <workdir>/.lock)."""
     path = os.path.join(workdir, ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    held = contextlib.ExitStack()
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise TrainingError(f"workdir {workdir} is in use by another trainer (lock {path}); "
-                                "stop it or choose another --workdir") from None
-        raise
-    try:
+        fd = held.enter_context(exclusive_lock(path, wait=False))
+    except BlockingIOError:
+        raise TrainingError(f"workdir {workdir} is in use by another trainer (lock {path}); "
+                            "stop it or choose another --workdir") from None
+    with held:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def prepare_workdir(workdir: str) -> str:

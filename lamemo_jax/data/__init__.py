@@ -82,8 +82,9 @@ Where files go
   rebuilds the dataset from them (a warning says so; the old build stays in place until the new
   one is complete), the same content is noted in ``sources-verified.json`` (no hashing next time).
   With no local source file the built dataset is used as it is.
-* Multi-host with a shared ``data_dir``: let one process call ``load`` first (then a barrier), as two
-  processes building the same dataset at once would race on tfds's final rename.
+* Processes sharing a ``data_dir`` (two runs started at once, test workers, the hosts of a pod on a
+  shared filesystem that supports ``flock``) prepare a dataset one at a time (``dataset.preparing_lock``):
+  the others wait (a warning says so), then use the prepared one.
 * ``python -m lamemo_jax.data NAME [--data_dir D] [--manual_dir M] [--set field=value ...]`` prepares
   a dataset and prints its sizes and add-one train-unigram ppl / bpc (``unigram_nll``).
 """

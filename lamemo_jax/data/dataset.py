@@ -14,6 +14,7 @@ from lamemo_jax.data import builders
 from lamemo_jax.data.config import DataConfig
 from lamemo_jax.data.corpora import SPLITS
 from lamemo_jax.data.vocab import Vocab
+from lamemo_jax.fileio import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +63,34 @@ def load(cfg: Any) -> Dataset:
     if c.name == "random":
         return _random_dataset(c)
     b = builders.make_builder(c)
-    if not b.is_prepared():
-        log.info("preparing %s/%s in %s", c.name, b.builder_config.name, c.tfds_dir_)
-        b.download_and_prepare()
-    else:
-        changed = builders.changed_sources(b)
-        if changed:
-            log.warning("%s: %s; rebuilding it from them.", c.name, changed)
-            b = builders.rebuild(c, b)
+    if not b.is_prepared() or builders.changed_sources(b):
+        with preparing_lock(c):  # another process may have prepared it while this one waited
+            b = builders.make_builder(c)
+            if not b.is_prepared():
+                log.info("preparing %s/%s in %s", c.name, b.builder_config.name, c.tfds_dir_)
+                b.download_and_prepare()
+            else:
+                changed = builders.changed_sources(b)
+                if changed:
+                    log.warning("%s: %s; rebuilding it from them.", c.name, changed)
+                    b = builders.rebuild(c, b)
     md = b.info.metadata
     vocab = Vocab.from_json(md["vocab"])
     counts = {s: int(n) for s, n in md["split_tokens"].items()}
     info = {"builder_config": b.builder_config.name, "data_dir": str(b.data_dir), "split_tokens": counts,
             "provenance": md.get("provenance", {})}
     return Dataset(c.name, str(md["unit"]), vocab, c, lambda s: cached_split(b, s, counts[s]), info, b)
+
+
+def preparing_lock(c: DataConfig):
+    """An exclusive lock on ``<tfds dir>/.<name>.lock`` while a process prepares or rebuilds the
+    dataset: processes sharing a data dir (two runs started at once, the workers of a test run, the
+    hosts of a pod on a shared filesystem with ``flock``) prepare it one at a time; the others wait,
+    then find it prepared. Without it the second build crashed on tfds's final rename."""
+    c.tfds_dir_.mkdir(parents=True, exist_ok=True)
+    path = c.tfds_dir_ / f".{c.name}.lock"
+    return exclusive_lock(path, wait=True, on_wait=lambda: log.warning(
+        "%s: another process is preparing it in %s; waiting for it (lock %s)", c.name, c.tfds_dir_, path))
 
 
 def cached_split(builder: builders.LmBuilder, split: str, n_tokens: int) -> np.ndarray:
