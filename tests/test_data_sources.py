@@ -56,7 +56,8 @@ def _no_hashing(monkeypatch) -> None:
 
 
 def _leftovers(cache: Path):
-    return sorted(p.name for p in (cache / "tfds").iterdir() if p.name.startswith("."))
+    """Temporary build folders left in the tfds dir (its ``.<name>.lock`` files are meant to stay)."""
+    return sorted(p.name for p in (cache / "tfds").iterdir() if p.name.startswith(".") and p.is_dir())
 
 
 # ---------------------------------------------------------------------- changed sources
