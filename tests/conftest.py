@@ -19,7 +19,8 @@ jax.config.update("jax_enable_x64", True)
 # train step compiled again by the next train.py of the reliability tests is loaded, the same
 # executable (test_reliability.py: 218 s -> 134 s measured). Set after jax is imported, so this
 # process does not write its own programs there: they rarely repeat and writing them cost as
-# much as the hits saved (whole suite: 23:05 -> 22:35 with it on here too).
+# much as the hits saved (whole suite: 23:05 -> 22:35 with it on here too). pytest-xdist's workers
+# (`-n`) start after it is set, so they inherit the folder and use it as well.
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _cache_dir = tempfile.mkdtemp(prefix="lamemo-tests-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
@@ -67,3 +68,30 @@ def load_fixture(name: str) -> dict:
 @pytest.fixture(params=FIXTURES)
 def fixture(request):
     return request.param, load_fixture(request.param)
+
+
+# ---------------------------------------------------------------------- parallel runs (pytest-xdist)
+# Under `-n N` each test file runs whole on one worker (pytest.ini: --dist loadfile), so a costly
+# module- or session-scoped fixture is built once: the 8-device worker process (test_sharding.py),
+# a trained tiny run (test_train_eval.py), the offline corpora built afresh (test_data.py). The files
+# are handed out in this order, the longest first (seconds of one sequential run on the 2-core CPU,
+# 2026-11-27: ~170, ~330, ~200, ~150, ~115), so that none of them starts last and runs alone.
+LONGEST_FILES = ("test_sharding.py", "test_model_properties.py", "test_reliability.py", "test_train_eval.py",
+                 "test_flops.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: within a file, and for the other files, the collection order
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core (the tests are mostly XLA:CPU compiles, one core each), at most
+    8: more would not shorten the longest file, and each worker is a JAX process of its own (up to
+    ~3.4 GB). PYTEST_XDIST_AUTO_NUM_WORKERS, when set, decides instead (pytest-xdist reads it)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return max(1, min(8, len(os.sched_getaffinity(0))))
