@@ -9,9 +9,11 @@ later runs download nothing; every dataset is built afresh in a temporary folder
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from lamemo_jax import data
+from lamemo_jax import data, fileio
 from lamemo_jax.data import builders, corpora, dataset, sources
 from tests.conftest import ROOT
 from lamemo_jax.data.config import default_data_dir
@@ -343,6 +345,17 @@ def test_processes_sharing_a_data_dir_prepare_a_dataset_once(tmp_path, wheel_dir
     assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
     assert len({o.strip().splitlines()[-1] for o in outs}) == 1 and outs[0].startswith("train sha256"), outs
     assert sum("preparing wiki_chars/" in e for e in errs) == 1, errs
+
+
+def test_a_filesystem_without_locks_still_prepares_the_dataset(tmp_path, wheel_dir, monkeypatch, caplog):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fileio.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        ds = _load(tmp_path, name="wiki_chars", download_dir=str(wheel_dir))
+    assert ds.num_tokens("train") > 0
+    assert "no lock on" in caplog.text and "No locks available" in caplog.text
 
 
 # ---------------------------------------------------------------------- the real offline corpora

@@ -3,10 +3,11 @@ flat int32 array cached in ``<tfds data dir>/tokens-<split>.npy``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -82,15 +83,24 @@ def load(cfg: Any) -> Dataset:
     return Dataset(c.name, str(md["unit"]), vocab, c, lambda s: cached_split(b, s, counts[s]), info, b)
 
 
-def preparing_lock(c: DataConfig):
+@contextlib.contextmanager
+def preparing_lock(c: DataConfig) -> Iterator[None]:
     """An exclusive lock on ``<tfds dir>/.<name>.lock`` while a process prepares or rebuilds the
     dataset: processes sharing a data dir (two runs started at once, the workers of a test run, the
     hosts of a pod on a shared filesystem with ``flock``) prepare it one at a time; the others wait,
-    then find it prepared. Without it the second build crashed on tfds's final rename."""
+    then find it prepared. Without it the second build crashed on tfds's final rename. On a
+    filesystem without locks it warns and prepares without one."""
     c.tfds_dir_.mkdir(parents=True, exist_ok=True)
     path = c.tfds_dir_ / f".{c.name}.lock"
-    return exclusive_lock(path, wait=True, on_wait=lambda: log.warning(
-        "%s: another process is preparing it in %s; waiting for it (lock %s)", c.name, c.tfds_dir_, path))
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(exclusive_lock(path, wait=True, on_wait=lambda: log.warning(
+            "%s: another process is preparing it in %s; waiting for it (lock %s)", c.name, c.tfds_dir_, path)))
+    except OSError as e:
+        log.warning("%s: no lock on %s (%s); preparing without one: processes that share this data dir "
+                    "should let one of them prepare it first", c.name, path, e)
+    with held:
+        yield
 
 
 def cached_split(builder: builders.LmBuilder, split: str, n_tokens: int) -> np.ndarray:
