@@ -71,13 +71,23 @@ def fixture(request):
 
 
 # ---------------------------------------------------------------------- parallel runs (pytest-xdist)
-# Under `-n N` each test file runs whole on one worker (pytest.ini: --dist loadfile), so a costly
+# Under `-n N` each test file runs whole on one worker (--dist loadfile), so a costly
 # module- or session-scoped fixture is built once: the 8-device worker process (test_sharding.py),
 # a trained tiny run (test_train_eval.py), the offline corpora built afresh (test_data.py). The files
 # are handed out in this order, the longest first (seconds of one sequential run on the 2-core CPU,
 # 2026-11-27: ~170, ~330, ~200, ~150, ~115), so that none of them starts last and runs alone.
 LONGEST_FILES = ("test_sharding.py", "test_model_properties.py", "test_reliability.py", "test_train_eval.py",
                  "test_flops.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """`-n N` without a --dist of one's own: --dist loadfile in the order of the collected items
+    (not by the files' test counts). Set here, not in an ini file's addopts, so that pytest without
+    pytest-xdist (e.g. an accelerator machine's image) still runs the tests in one process."""
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
@@ -88,6 +98,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: within a file, and for the other files, the collection order
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown to pytest without it
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core (the tests are mostly XLA:CPU compiles, one core each), at most
     8: more would not shorten the longest file, and each worker is a JAX process of its own (up to
