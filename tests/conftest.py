@@ -102,7 +102,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core (the tests are mostly XLA:CPU compiles, one core each), at most
     8: more would not shorten the longest file, and each worker is a JAX process of its own (up to
-    ~3.4 GB). PYTEST_XDIST_AUTO_NUM_WORKERS, when set, decides instead (pytest-xdist reads it)."""
+    4.6 GB seen; the whole 2-worker run peaked at 10 GB). PYTEST_XDIST_AUTO_NUM_WORKERS, when set,
+    decides instead (pytest-xdist reads it)."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     return max(1, min(8, len(os.sched_getaffinity(0))))
