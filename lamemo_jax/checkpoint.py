@@ -5,7 +5,9 @@ RNG, the carried memory (the data position is a pure function of the step). Orba
 step to a temporary directory and renames it when complete, so a process killed mid-write
 leaves no half checkpoint under a step name. After the write a sha256 manifest of every file is
 added; at restore the manifest is checked first, and a checkpoint that fails (bytes flipped,
-files removed, unreadable) is reported by name and the previous good one is used.
+files removed, unreadable) is reported by name and the previous good one is used. Older steps
+are deleted only after the new step's manifest is written, so a process killed at any point of
+a save leaves at least one checkpoint that verifies.
 """
 
 from __future__ import annotations
@@ -79,9 +81,14 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+        self.keep = keep
+        # max_to_keep=None: orbax would delete the old steps inside save(), before the new
+        # step's manifest exists; with keep=1 a kill in between left no checkpoint that verifies.
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only,
                                                read_only=read_only,
                                                enable_async_checkpointing=False,
                                                cleanup_tmp_directories=not read_only)
@@ -101,6 +108,8 @@ class Checkpointer:
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
             write_manifest(self.step_dir(step))
+        for old in self.all_steps()[:-self.keep]:  # collective: every process calls it
+            self.manager.delete(old)
         return self.step_dir(step)
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:

@@ -129,6 +129,34 @@ def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
         ck.restore_latest(abstract)
 
 
+def test_a_save_killed_before_its_manifest_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Retention runs after the new step verifies: with keep=1, a kill while the new step's
+    manifest is being written must not have deleted the only good checkpoint already."""
+    exp = ExperimentConfig.from_config_dict(tiny())
+    state = init_train_state(exp.model, exp.train, make_optimizer(exp.train), 2)
+    ck = Checkpointer(str(tmp_path / "ck"), keep=1)
+    ck.save(1, state, {"step": 1})
+    ck.save(2, state.replace(step=jnp.int32(2)), {"step": 2})
+    assert ck.all_steps() == [2]  # keep=1 still keeps one
+
+    def killed(step_dir):
+        raise KeyboardInterrupt("killed while hashing")  # like SIGKILL: nothing after it runs
+    monkeypatch.setattr("lamemo_jax.checkpoint.write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(3, state.replace(step=jnp.int32(3)), {"step": 3})
+    ck.close()
+    monkeypatch.undo()
+    reopened = Checkpointer(str(tmp_path / "ck"), keep=1)
+    assert reopened.all_steps() == [2, 3]
+    restored, meta, step = reopened.restore_latest(jax.eval_shape(lambda: state))
+    assert step == 2 and meta["step"] == 2 and int(restored.step) == 2
+    reopened.save(4, state.replace(step=jnp.int32(4)), {"step": 4})  # the next save tidies up
+    assert reopened.all_steps() == [4]
+    reopened.close()
+    with pytest.raises(ValueError, match="keep=0"):
+        Checkpointer(str(tmp_path / "ck"), keep=0)
+
+
 def test_read_only_reader_skips_an_unverified_checkpoint_and_moves_nothing(tmp_path, caplog):
     """eval.py beside a live trainer: the newest checkpoint may still lack its manifest (the
     trainer is hashing it). The reader must use the previous one and leave the directory alone."""
