@@ -70,6 +70,16 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([warm, main], [tc.warmup_steps])
 
 
+def advance_schedule(opt_state):
+    """The optimizer state of a skipped (non-finite) step: the learning-rate schedule's count
+    advances as the training step does, as the original steps its scheduler at every train_step
+    whether or not the update was skipped; Adam's moments and its bias-correction count stay."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    return jax.tree.map(
+        lambda x: x._replace(count=optax.safe_int32_increment(x.count)) if is_schedule(x) else x,
+        opt_state, is_leaf=is_schedule)
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     sched = learning_rate_schedule(tc)
     if tc.optimizer == "adam":
@@ -152,10 +162,11 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.Gradient
             updates, new_opt = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), new_opt
 
-        # A non-finite step changes neither params nor optimizer state. A cond, not
-        # where(finite, new, old) per leaf: with the donated state, the where made XLA copy every
-        # optimizer-state buffer on every step (59 copies at the benchmark config).
-        new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o),
+        # A non-finite step changes neither params nor the optimizer's moments; only the
+        # schedule moves on. A cond, not where(finite, new, old) per leaf: with the donated
+        # state, the where made XLA copy every optimizer-state buffer on every step (59 copies at
+        # the benchmark config).
+        new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, advance_schedule(o)),
                                            state.params, state.opt_state)
         new_state = TrainState(
             step=state.step + 1,
@@ -426,7 +437,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     stop_reason = None
     last_saved = start if ckpt.all_steps() else None
     window = []
-    t_last = time.time()
+    t_last, paused = time.time(), 0.0
     with _StopFlag() as stop:
         step = start
         while step < tc.num_steps:
@@ -445,8 +456,8 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                     break
             if step % tc.log_every == 0 or step == tc.num_steps:
                 jax.block_until_ready(state.params)
-                dt = time.time() - t_last
-                t_last = time.time()
+                dt = time.time() - t_last - paused
+                t_last, paused = time.time(), 0.0
                 finite = [x for x in window if bool(x["finite"])]
                 loss = float(np.mean([float(x["loss"]) for x in finite])) if finite else float("nan")
                 rec = {"step": step, "split": "train", "loss": loss, **unit_metrics(loss, ds.unit),
@@ -464,11 +475,18 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                 window = []
             if bar is not None:
                 bar.update(1)
+            # the windows' step time, tokens/s and MFU count training only, not these pauses
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.num_steps:
+                jax.block_until_ready(state.params)  # the steps dispatched so far are training time
+                t0 = time.time()
                 validate(step)
+                paused += time.time() - t0
             if step % tc.checkpoint_every == 0 and step < tc.num_steps and int(state.nonfinite_streak) == 0:
+                jax.block_until_ready(state.params)
+                t0 = time.time()
                 save(step)
                 last_saved = step
+                paused += time.time() - t0
             if stop.signal:
                 stop_reason = stop.signal
                 break

@@ -54,6 +54,28 @@ def test_training_lowers_the_loss_and_writes_everything(tiny_run):
         assert path in out.getvalue(), path
 
 
+def test_throughput_windows_leave_out_evaluation_and_checkpoint_time(tmp_path, monkeypatch):
+    """A window's step time (hence tokens/s and MFU) counts training only: each validation and
+    checkpoint here takes 1000 s on the trainer's clock and no window may include them."""
+    import time as real_time
+    from lamemo_jax import trainer
+    offset = [0.0]
+    clock = type("Clock", (), {"time": staticmethod(lambda: real_time.time() + offset[0])})
+    monkeypatch.setattr(trainer, "time", clock)
+    for name in ("evaluate_tokens", "write_manifest"):
+        mod = trainer if name == "evaluate_tokens" else importlib.import_module("lamemo_jax.checkpoint")
+        real = getattr(mod, name)
+        def slow(*a, _real=real, **k):
+            offset[0] += 1000.0
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, name, slow)
+    train_and_evaluate(tiny_config(num_steps=20, log_every=4, eval_every=6, checkpoint_every=6,
+                                   eval_tokens=200), str(tmp_path))
+    recs = [r for r in read_metrics(os.path.join(str(tmp_path), "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["step"] for r in recs] == [4, 8, 12, 16, 20] and offset[0] >= 6000  # 3 evals, 3 saves
+    assert all(r["step_time_s"] < 100 for r in recs), [r["step_time_s"] for r in recs]
+
+
 def test_resume_is_bit_exact(tmp_path):
     full = str(tmp_path / "full")
     part = str(tmp_path / "part")
