@@ -112,6 +112,12 @@ class Checkpointer:
             self.manager.delete(old)
         return self.step_dir(step)
 
+    def delete(self, step: int) -> None:
+        """Removes one step (collective: every process calls it)."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; not deleting step {step}")
+        self.manager.delete(step)
+
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
         """(state, meta) of one named step; a clear error if it is missing or corrupted."""
         if step not in self.all_steps():

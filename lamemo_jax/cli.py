@@ -54,8 +54,10 @@ def print_train_summary(summary: dict):
         lines.insert(0, f"valid ({summary['dataset']}): loss {summary['valid_loss']:.4f}  "
                         f"{headline(summary['valid_loss'], summary['unit'])}")
     if "eval_loss" in summary:
+        which = (f"  (the step-{summary['tested_step']} model, best on valid)"
+                 if summary.get("tested_step", summary["step"]) != summary["step"] else "")
         lines.insert(1, f"{summary['eval_split']} ({summary['dataset']}): loss {summary['eval_loss']:.4f}  "
-                        f"{headline(summary['eval_loss'], summary['unit'])}")
+                        f"{headline(summary['eval_loss'], summary['unit'])}{which}")
     tensorboard = os.path.join(summary["workdir"], "tensorboard")
     if os.path.isdir(tensorboard):
         lines.append(f"tensorboard: {tensorboard}")

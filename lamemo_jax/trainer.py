@@ -39,6 +39,9 @@ from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset
 from lamemo_jax.metrics import MetricWriter, headline, plot_loss_curves, read_metrics, unit_metrics
 
 
+BEST = "best"  # <workdir>/best: the params of the best-valid step, when it is not the final one
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (the message says why and what is intact)."""
 
@@ -363,6 +366,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     optimizer = make_optimizer(tc)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    best_ckpt = Checkpointer(os.path.join(workdir, BEST), keep=1)  # params of the best-valid step
     run_info = {"model": cfg.to_dict(), "data": dict(exp.data), "train": dataclasses.asdict(tc),
                 "eval": dataclasses.asdict(exp.eval), "mesh": dataclasses.asdict(exp.mesh),
                 "unit": ds.unit, "dataset": ds.name}
@@ -381,6 +385,13 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                     "it will not continue as that run would have (data order, dropout, learning "
                     "rate): %s", "; ".join(changed))
     start = int(state.step)
+    best = best_ckpt.latest_meta()
+    if best is not None and best["step"] > start:  # a crashed run's, past the step resumed from
+        logging.info("dropping the best-valid model of step %d (after the resumed step %d)",
+                     best["step"], start)
+        for s_ in best_ckpt.all_steps():
+            best_ckpt.delete(s_)
+        best = None
     if start >= tc.num_steps and start > 0:
         logging.warning("the checkpoint in %s is at step %d, not before train.num_steps=%d: nothing to "
                         "train; evaluating the step-%d model", workdir, start, tc.num_steps, start)
@@ -433,6 +444,20 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         logging.info("step %d valid: loss %.4f %s", step, res.loss, headline(res.loss, ds.unit))
         return res
 
+    def keep_if_best(step: int, res) -> None:
+        """The params of the step with the lowest periodic validation loss go to <workdir>/best
+        (the original's checkpoint_best.pt). Losses over another number of targets (eval_tokens
+        changed on a resume) are not comparable: the newer one replaces the record."""
+        nonlocal best
+        if not np.isfinite(res.loss) or (best is not None and best["step"] == step):
+            return
+        if best is not None and best["n_targets"] == res.n_targets and best["valid_loss"] <= res.loss:
+            return
+        best = {"step": step, "valid_loss": float(res.loss), "n_targets": int(res.n_targets),
+                "model": cfg.to_dict(), "dataset": ds.name, "unit": ds.unit}
+        best_ckpt.save(step, state.params, best)
+        shard_lib.sync(f"lamemo_best_{step}")
+
     bar = _progress(tc.num_steps, start, tc.progress_bar)
     stop_reason = None
     last_saved = start if ckpt.all_steps() else None
@@ -479,7 +504,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.num_steps:
                 jax.block_until_ready(state.params)  # the steps dispatched so far are training time
                 t0 = time.time()
-                validate(step)
+                keep_if_best(step, validate(step))
                 paused += time.time() - t0
             if step % tc.checkpoint_every == 0 and step < tc.num_steps and int(state.nonfinite_streak) == 0:
                 jax.block_until_ready(state.params)
@@ -511,13 +536,16 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         return summary
     res = validate(step, full=True)
     summary.update({"valid_loss": res.loss, **{f"valid_{k}": v for k, v in unit_metrics(res.loss, ds.unit).items()}})
+    tested_step, tested_params = _select_best_valid(best, best_ckpt, step, state.params, res,
+                                                    valid_tokens, periodic_eval_cfg, exp.eval.batch_size)
+    summary["tested_step"] = tested_step
     if exp.eval.split != "valid":
         split = exp.eval.split
-        r = evaluate_tokens(eval_cfg, shard_lib.host_local(state.params), ds.split(split),
+        r = evaluate_tokens(eval_cfg, shard_lib.host_local(tested_params), ds.split(split),
                             batch_size=exp.eval.batch_size)
-        writer.write({"step": step, "split": split, "loss": r.loss, **unit_metrics(r.loss, ds.unit),
+        writer.write({"step": tested_step, "split": split, "loss": r.loss, **unit_metrics(r.loss, ds.unit),
                       "n_targets": r.n_targets, "eval_seconds": round(r.seconds, 2)})
-        logging.info("step %d %s: loss %.4f %s", step, split, r.loss, headline(r.loss, ds.unit))
+        logging.info("step %d %s: loss %.4f %s", tested_step, split, r.loss, headline(r.loss, ds.unit))
         summary.update({"eval_split": split, "eval_loss": r.loss})
     records = read_metrics(writer.path)
     if jax.process_index() == 0 and records:
@@ -525,7 +553,30 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                                            title=f"{cfg.memory} on {ds.name}")
     writer.close()
     ckpt.close()
+    best_ckpt.close()
     return summary
+
+
+def _select_best_valid(best, best_ckpt, step, params, final, valid_tokens, eval_cfg, batch_size):
+    """(step, params) of the model to test: the best-valid one (the original tests
+    checkpoint_best.pt). The final model, validated on the whole split, is compared with the best
+    periodic one on the whole split too (evaluating it there when its periodic validation read
+    fewer targets). When the final model wins, <workdir>/best is emptied, so that it only ever
+    holds a model that beat the final one: eval.py and load_run use it when it is there."""
+    if best is not None and best["step"] != step:
+        best_params, _ = best_ckpt.restore(best["step"], _abstract(params))
+        loss = best["valid_loss"]
+        if best["n_targets"] != final.n_targets:
+            loss = evaluate_tokens(eval_cfg, shard_lib.host_local(best_params), valid_tokens,
+                                   batch_size=batch_size).loss
+        if loss < final.loss:
+            logging.info("testing the best-valid model of step %d (valid loss %.4f; the final "
+                         "step %d has %.4f): %s", best["step"], loss, step, final.loss,
+                         best_ckpt.step_dir(best["step"]))
+            return best["step"], best_params
+    for s_ in best_ckpt.all_steps():
+        best_ckpt.delete(s_)
+    return step, params
 
 
 # --------------------------------------------------------------------------- loading a run
@@ -553,8 +604,9 @@ def recorded_experiment(info: dict, path: str) -> ExperimentConfig:
 
 
 def load_run(workdir: str, step: Optional[int] = None):
-    """(ExperimentConfig, ModelConfig, params, step) of a training workdir's checkpoint
-    (the latest good one, or ``step``)."""
+    """(ExperimentConfig, ModelConfig, params, step) of a training workdir's model: the
+    checkpoint of ``step``; by default the best-valid model when the run kept one that beat its
+    final model (``<workdir>/best``, the one its test used), else the latest good checkpoint."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -566,16 +618,28 @@ def load_run(workdir: str, step: Optional[int] = None):
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # a checkpoint of any mesh loads here
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
     # read-only: a reader beside a live trainer must never move or delete its checkpoints
+    best = Checkpointer(os.path.join(workdir, BEST), read_only=True) \
+        if os.path.isdir(os.path.join(workdir, BEST)) else None
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints,
                         read_only=True)
     try:
+        if step is None and best is not None and best.all_steps():
+            try:
+                params, _, step = best.restore_latest(abstract.params)
+                return exp, cfg, params, int(step)
+            except CheckpointError as e:  # e.g. its manifest is being written right now
+                logging.warning("not using the best-valid model: %s; using the latest checkpoint", e)
         if step is None:
             restored = ckpt.restore_latest(abstract)
             if restored is None:
                 raise CheckpointError(f"no checkpoint in {ckpt.directory}")
             state, _, step = restored
+        elif step not in ckpt.all_steps() and best is not None and step in best.all_steps():
+            return exp, cfg, best.restore(step, abstract.params)[0], int(step)  # rotated out of checkpoints/
         else:
             state, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
+        if best is not None:
+            best.close()
     return exp, cfg, state.params, int(step)

@@ -76,6 +76,75 @@ def test_throughput_windows_leave_out_evaluation_and_checkpoint_time(tmp_path, m
     assert all(r["step_time_s"] < 100 for r in recs), [r["step_time_s"] for r in recs]
 
 
+def _fingerprint(params):
+    return float(np.asarray(jax.tree.leaves(params)[0], np.float64).sum())
+
+
+@pytest.mark.parametrize("best_wins", [True, False])
+def test_the_test_split_is_scored_on_the_best_valid_model(tmp_path, monkeypatch, best_wins):
+    """As the original (checkpoint_best.pt): the model tested is the one with the lowest
+    validation loss. Here the step-10 model's validation loss is made 5 nats lower (or not) by
+    wrapping the trainer's evaluation; everything else is real."""
+    from lamemo_jax import trainer
+    real, marked = trainer.evaluate_tokens, []
+
+    def evaluate(cfg, params, tokens, **kw):
+        res = real(cfg, params, tokens, **kw)
+        is_valid = tokens.shape == valid.shape and np.array_equal(tokens, valid)
+        if best_wins and is_valid and (not marked or _fingerprint(params) == marked[0]):
+            marked[:1] = [_fingerprint(params)]  # the first validation: step 10
+            res = type(res)(**{**res.__dict__, "loss": res.loss - 5.0})
+        return res
+    monkeypatch.setattr(trainer, "evaluate_tokens", evaluate)
+    config = tiny_config(num_steps=30, eval_every=10, eval_tokens=200, checkpoint_every=100,
+                         keep_checkpoints=1)
+    config.eval.split = "test"
+    valid = np.asarray(data_lib.load(config.data).split("valid"))
+    workdir = str(tmp_path)
+    summary = train_and_evaluate(config, workdir)
+    recs = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    test = [r for r in recs if r["split"] == "test"]
+    assert len(test) == 1 and summary["step"] == 30
+    monkeypatch.undo()
+    best_dir = os.path.join(workdir, "best")
+    if best_wins:
+        assert summary["tested_step"] == 10 and test[0]["step"] == 10
+        assert sorted(os.listdir(best_dir)) == ["10"]  # the step-10 checkpoint itself is rotated out
+        _, cfg, params, step = load_run(workdir)  # the model the test used
+        assert step == 10 and _fingerprint(params) == marked[0]
+        assert _fingerprint(load_run(workdir, 10)[2]) == marked[0]
+        assert _fingerprint(load_run(workdir, 30)[2]) != marked[0]
+    else:
+        assert summary["tested_step"] == 30 and test[0]["step"] == 30
+        assert not [d for d in os.listdir(best_dir) if d.isdigit()]  # emptied: the final model won
+        assert load_run(workdir)[3] == 30
+    res = eval_run(workdir=workdir, split="test")  # eval.py scores the same model
+    assert abs(res["loss"] - summary["eval_loss"]) <= 1e-6
+    assert res["source"] == os.path.join(workdir, "best" if best_wins else "checkpoints",
+                                         str(summary["tested_step"]))
+
+
+def test_a_best_valid_model_past_the_resumed_step_is_dropped(tmp_path, caplog):
+    """A crashed run can leave a best-valid model of a step after its last checkpoint; the
+    resumed run re-trains those steps, so that model is not its own and must not be tested."""
+    workdir = str(tmp_path)
+    config = tiny_config(num_steps=10, eval_every=5, eval_tokens=200, checkpoint_every=3,
+                         keep_checkpoints=10)
+    train_and_evaluate(config, workdir)
+    from lamemo_jax.checkpoint import Checkpointer
+    ckpt, best = (Checkpointer(os.path.join(workdir, d), keep=10) for d in ("checkpoints", "best"))
+    state = ckpt.restore_latest(None)  # any state will do as the 'best' of step 7
+    best.save(7, state[0]["params"], {"step": 7, "valid_loss": -1.0, "n_targets": 1})
+    for s_ in ckpt.all_steps():
+        if s_ > 6:
+            ckpt.delete(s_)  # as if the run died after step 7's validation, before step 9's save
+    ckpt.close(), best.close()
+    with caplog.at_level("INFO"):
+        summary = train_and_evaluate(config, workdir)
+    assert "dropping the best-valid model of step 7 (after the resumed step 6)" in caplog.text
+    assert summary["tested_step"] in (5, 10) and load_run(workdir)[3] in (5, 10)
+
+
 def test_resume_is_bit_exact(tmp_path):
     full = str(tmp_path / "full")
     part = str(tmp_path / "part")
