@@ -139,6 +139,12 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
     The prompt streams through the model in segments of ``cfg.tgt_len`` (the last one shorter);
     then each sampled token is its own segment, so the memory (XL hidden states or LaMemo's
     refreshed caches) carries the context. Deterministic for a seed. Returns the new ids.
+
+    This is the original's generation schedule (its eval_ddp.py --generate). For LaMemo it has a
+    property that evaluation with a constant segment length does not have: a segment's
+    look-ahead window is as long as the segment, so once the segments shrink to one token, no
+    memory token ever attends to the tokens of the last prompt segment after its first one (the
+    caches of those memory tokens stay without them; later layers still see them as keys).
     """
     prompt = np.asarray(prompt, np.int32).reshape(-1)
     if prompt.size == 0:

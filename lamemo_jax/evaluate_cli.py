@@ -109,10 +109,11 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
             raise ConfigError(f"--prompt ({ds.name}): {err}{hint}") from None
         print(prompt, end="", flush=True)
         sep = " " if ds.unit == "word" else ""
+        text_of = ds.vocab.stream_decoder()
         new = generate(ecfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed,
-                       on_token=lambda t: print(sep + ds.vocab.decode([t]), end="", flush=True))
-        print(flush=True)
+                       on_token=lambda t: print(sep + text_of(t), end="", flush=True))
+        print(text_of(None), flush=True)
         return {"prompt": prompt, "continuation": ds.vocab.decode(list(new)), "ids": [int(t) for t in new],
                 "seed": seed, "temperature": temperature, "top_p": top_p, "source": source}
 

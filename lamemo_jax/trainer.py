@@ -58,9 +58,14 @@ class TrainState:
 
 # --------------------------------------------------------------------------- optimiser
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
-    """Cosine from learning_rate to min_learning_rate over num_steps (the original's
-    lr_t = lr (1 + cos(pi t / T)) / 2 when min is 0), after an optional linear warmup that
-    starts at lr / warmup_steps (not 0, which would make the first update zero)."""
+    """Cosine from learning_rate to min_learning_rate, after an optional linear warmup that
+    starts at lr / warmup_steps (not 0, which would make the first update zero).
+
+    Without warmup (the paper's recipes) this is the original's lr_t = lr (1 + cos(pi t / T)) / 2
+    with min_learning_rate as its eta_min. With warmup_steps = w the cosine runs over the
+    remaining T - w steps, from lr at step w; the original instead takes its cosine at the
+    absolute step after warmup (lr_w = lr (1 + cos(pi w / T)) / 2, not lr) and uses the full lr
+    for update 0."""
     lr, total = tc.learning_rate, tc.num_steps
     if tc.schedule == "constant":
         main = optax.constant_schedule(lr)

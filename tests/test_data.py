@@ -418,6 +418,25 @@ def test_sotu_words_whole_documents_and_wikitext_rules(offline, tmp_path):
     np.testing.assert_array_equal(first["ids"], ds.split("train")[: len(first["ids"])])
 
 
+def test_stream_decoder_prints_whole_characters():
+    """Generation prints token by token: on a byte vocabulary a multi-byte character must come
+    out once whole, not as one replacement character per byte."""
+    from lamemo_jax.data.vocab import byte_vocab, char_vocab
+    text = "café – ok"
+    raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+    vocab = byte_vocab([raw])
+    ids = vocab.encode(text.encode("utf-8"))
+    f = vocab.stream_decoder()
+    pieces = [f(int(i)) for i in ids] + [f(None)]
+    assert "".join(pieces) == text == vocab.decode(ids) and "\ufffd" not in "".join(pieces)
+    assert pieces[3] == "" and pieces[4] == "é"  # held until the second byte of é
+    cut = vocab.stream_decoder()  # a stream that stops inside a character: flushed as U+FFFD
+    assert "".join(cut(int(i)) for i in ids[:4]) + cut(None) == "caf\ufffd"
+    chars = char_vocab([np.array([ord(c) for c in "ab_c"], np.uint32)])
+    g = chars.stream_decoder()
+    assert [g(int(i)) for i in chars.encode("ab c")] + [g(None)] == ["a", "b", " ", "c", ""]
+
+
 def test_wikifil_on_a_small_dump():
     xml = (b'<mediawiki>\n  <page>\n    <title>Foo</title>\n    <revision>\n'
            b"      <text xml:space=\"preserve\">'''Foo''' is a [[bar|Bar]] of 42 things.&lt;ref&gt;cite&lt;/ref&gt; "

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -118,6 +119,17 @@ class Vocab:
             if k < len(lines) - 1:
                 ids.append(self.token_to_id(EOS))
         return np.asarray(ids, dtype=np.int32)
+
+    def stream_decoder(self):
+        """For printing generated tokens as they come: ``f(id)`` returns the text that token
+        completes and ``f(None)`` whatever is still pending. On a byte vocabulary the bytes of a
+        multi-byte UTF-8 character are held until it is whole (``decode([id])`` one byte at a
+        time would print a replacement character per byte)."""
+        if self.unit != "byte":
+            return lambda i: "" if i is None else self.decode([i])
+        pending = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda i: (pending.decode(b"", final=True) if i is None
+                          else pending.decode(self.id_to_token(int(i)).encode("latin-1")))
 
     def decode(self, ids: Iterable[int]) -> str:
         """int ids -> text (inverse of ``encode`` up to whitespace)."""
