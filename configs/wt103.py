@@ -16,7 +16,7 @@ sets: the Pallas kernels' step took 118.8 vs 101.6 ms there (an earlier lease; t
 they need less attention memory, use them with --config.model.attention_impl=auto (or pallas).
 Hardware: the original used 2 GPUs (2 processes x batch 32) with apex fp16; here one process with
 the global batch 64 (64 disjoint row-streams: a documented approximation of 2 x 32 streams over
-the whole corpus), float32 (bf16 via --config.model.dtype=bfloat16).
+the whole corpus), float32 (bf16 via --config.model.dtype=bfloat16; evaluation stays float32, eval.dtype).
 Params: LaMemo 151,106,715 (full tied softmax, 267,735 words); Transformer-XL 151,106,305.
 Expected: the LaMemo paper's tables could not be retrieved here; Transformer-XL's own paper reports
 24.0 test ppl for its 151M base model with a longer evaluation memory (tgt 64 / mem 640). This

@@ -95,7 +95,7 @@ def evaluate_tokens(cfg: ModelConfig, params, tokens: np.ndarray, *, batch_size:
     protocol = {"batch_size": batch_size, "tgt_len": n, "mem_len": cfg.mem_len,
                 "clamp_len": cfg.clamp_len, "same_length": cfg.same_length,
                 "last_segment_len": rest or n, "n_segments": n_full + (1 if rest else 0),
-                "tokens_used": int(streams.size), "memory": cfg.memory}
+                "tokens_used": int(streams.size), "memory": cfg.memory, "dtype": cfg.dtype}
     return EvalResult(loss=total / n_targets, n_targets=n_targets, seconds=time.time() - t0,
                       protocol=protocol)
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from lamemo_jax.config import ConfigError, ModelConfig, _is_int, _py
+from lamemo_jax.config import DTYPES, ConfigError, ModelConfig, _is_int, _py
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -97,6 +97,9 @@ class EvalConfig:
     same_length: Optional[bool] = None
     batch_size: int = 16  # contiguous streams (the original's protocol)
     split: str = "test"
+    # compute dtype of evaluation (the protocol's fp32, whatever the training dtype); a float64
+    # model is evaluated in float64
+    dtype: str = "float32"
 
     def __post_init__(self):
         _nonneg(self, "tgt_len")
@@ -112,6 +115,8 @@ class EvalConfig:
             raise ConfigError(f"eval.same_length={self.same_length!r}: True, False, or None for the model's")
         if self.split not in SPLITS:
             raise ConfigError(f"eval.split={self.split!r}: choose one of {SPLITS}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"eval.dtype={self.dtype!r}: choose one of {DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,10 +192,12 @@ class ExperimentConfig:
         """``model`` (default: the model section) as evaluated: no dropout, and the evaluation
         settings. An argument given (eval.py's flags) overrides the ``eval`` section; the
         section's unset values (tgt_len 0, mem_len -1, clamp_len and same_length None) keep the
-        model's."""
+        model's. The compute dtype is eval.dtype (float32 by default: a bf16 run is validated and
+        tested in float32, as the original evaluates), float64 for a float64 model."""
         e, m = self.eval, model or self.model
         first = lambda *values: next(v for v in values if v is not None)
-        return m.replace(tgt_len=tgt_len or e.tgt_len or m.tgt_len,
+        return m.replace(dtype="float64" if m.dtype == "float64" else e.dtype,
+                         tgt_len=tgt_len or e.tgt_len or m.tgt_len,
                          mem_len=first(mem_len, e.mem_len if e.mem_len >= 0 else None, m.mem_len),
                          clamp_len=first(clamp_len, e.clamp_len, m.clamp_len),
                          same_length=first(same_length, e.same_length, m.same_length),

@@ -12,6 +12,7 @@ import lamemo_jax
 from lamemo_jax import ModelConfig
 from lamemo_jax.config import ConfigError
 from lamemo_jax.experiment import ExperimentConfig
+from lamemo_jax.evaluate import evaluate_tokens
 from tests.conftest import ROOT
 
 CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -126,6 +127,27 @@ def test_evaluation_keeps_the_models_clamp_len_and_same_length_unless_told():
     for bad in (dict(clamp_len=-2), dict(same_length=1)):
         with pytest.raises(ConfigError, match="eval." + next(iter(bad))):
             ExperimentConfig.from_config_dict({**cd.to_dict(), "eval": {**cd.eval.to_dict(), **bad}})
+
+
+def test_evaluation_computes_in_float32_whatever_the_training_dtype():
+    """The protocol evaluates in fp32 (the original casts the model to float before eval): a bf16
+    run is validated and tested in float32, unless eval.dtype says otherwise; float64 stays."""
+    cd = importlib.import_module("configs.tiny").get_config()
+    for train_dtype, eval_dtype, want in (("bfloat16", None, "float32"), ("float32", None, "float32"),
+                                          ("float64", None, "float64"), ("bfloat16", "bfloat16", "bfloat16"),
+                                          ("float64", "bfloat16", "float64")):
+        cd.model.dtype = train_dtype
+        if eval_dtype:
+            cd.eval.dtype = eval_dtype
+        exp = ExperimentConfig.from_config_dict(cd)
+        assert exp.eval_model().dtype == want, (train_dtype, eval_dtype)
+        assert exp.eval_model().param_dtype == exp.model.param_dtype
+    with pytest.raises(ConfigError, match="eval.dtype='fp32'"):
+        ExperimentConfig.from_config_dict({**cd.to_dict(), "eval": {**cd.eval.to_dict(), "dtype": "fp32"}})
+    cfg = exp.model.replace(dtype="float32", n_token=11)
+    params = lamemo_jax.init_params(cfg, jax.random.key(0))
+    res = evaluate_tokens(cfg, params, np.arange(200, dtype=np.int32) % 11, batch_size=2)
+    assert res.protocol["dtype"] == "float32"
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
