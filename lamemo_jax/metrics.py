@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Dict, Iterable, Optional
@@ -76,14 +77,28 @@ class MetricWriter:
 
 
 def read_metrics(path: str) -> list:
+    """The records of a metrics.jsonl. A last line without its newline that is not JSON is an
+    append that was cut (a kill, a full disk, or a trainer writing it right now): it is left out
+    with a warning, and a resumed run's truncate removes it. Any other bad line is an error
+    naming the file and the line."""
     if not os.path.exists(path):
         return []
     out = []
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
+        lines = f.readlines()
+    for i, raw in enumerate(lines):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1 and not raw.endswith("\n"):
+                logging.warning("%s: its last line is incomplete (a write that was cut); left out: %r",
+                                path, line[:80])
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({e}); fix or delete that "
+                             "line") from None
     return out
 
 

@@ -32,7 +32,7 @@ from lamemo_jax.api import apply, init_params, out_of_vocab_id
 from lamemo_jax.checkpoint import Checkpointer, CheckpointError
 from lamemo_jax.config import ConfigError, ModelConfig
 from lamemo_jax.evaluate import evaluate_tokens
-from lamemo_jax.fileio import exclusive_lock
+from lamemo_jax.fileio import exclusive_lock, write_text_atomic
 from lamemo_jax.flops import device_peak_flops, train_step_flops
 from lamemo_jax.experiment import ExperimentConfig, TrainConfig, ignored_train_settings
 from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset_rows
@@ -238,11 +238,20 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits 0."""
+class _Interrupted(Exception):
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
 
-    def __init__(self):
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits 0.
+    With ``interrupt=True`` (the final evaluations, after the last checkpoint) they raise
+    ``_Interrupted`` instead, so that a preempted run stops at once and still exits 0."""
+
+    def __init__(self, interrupt: bool = False):
         self.signal = None
+        self.interrupt = interrupt
         self._old = {}
 
     def __enter__(self):
@@ -255,6 +264,8 @@ class _StopFlag:
 
     def _handler(self, signum, frame):
         self.signal = signal.Signals(signum).name
+        if self.interrupt:
+            raise _Interrupted(self.signal)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -268,6 +279,23 @@ def resolve_model(exp: ExperimentConfig, ds) -> ModelConfig:
         raise ConfigError(f"model.n_token={exp.model.n_token} but the {ds.name} vocabulary has {n} "
                           f"tokens; set --config.model.n_token={n}")
     return exp.model
+
+
+def _check_evaluations_fit(exp: ExperimentConfig, name: str, splits: dict) -> None:
+    """Before any training: every evaluation the run will do (periodic validation on
+    train.eval_tokens, the final one on the whole valid split and on eval.split) has at least two
+    tokens per eval.batch_size stream; otherwise the run would fail at its first evaluation."""
+    bs, tc = exp.eval.batch_size, exp.train
+    checks = [("valid", len(splits["valid"]), "the final validation"),
+              (exp.eval.split, len(splits[exp.eval.split]), "the final evaluation (eval.split)")]
+    if tc.eval_every and tc.eval_tokens:
+        checks.append(("valid", min(tc.eval_tokens, len(splits["valid"])),
+                       f"the periodic validation (train.eval_tokens={tc.eval_tokens})"))
+    for split, n, what in checks:
+        if n // bs < 2:
+            raise ConfigError(f"{what} would read {n} {name} {split} tokens: too few for "
+                              f"eval.batch_size={bs} streams of at least 2 tokens (needs {2 * bs}); "
+                              "lower eval.batch_size" + (" or raise train.eval_tokens" if "periodic" in what else ""))
 
 
 def _compatible(meta: dict, cfg: ModelConfig, tc: TrainConfig) -> None:
@@ -356,11 +384,13 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                           f"train.grad_accum_steps={tc.grad_accum_steps}")
     train_tokens = ds.split("train")
     valid_tokens = ds.split("valid")
-    for split, toks in (("train", train_tokens), ("valid", valid_tokens)):
+    splits = {"train": train_tokens, "valid": valid_tokens, exp.eval.split: ds.split(exp.eval.split)}
+    for split, toks in splits.items():
         bad = out_of_vocab_id(toks, cfg.n_token)
         if bad is not None:
             raise ConfigError(f"the {ds.name} {split} split holds token id {bad} outside the model "
                               f"vocabulary [0, {cfg.n_token}) (model.n_token)")
+    _check_evaluations_fit(exp, ds.name, splits)
     mesh = shard_lib.make_mesh(exp.mesh)
     batch_sh = shard_lib.batch_sharding(mesh, (tc.batch_size, cfg.tgt_len))
     sos_sh = shard_lib.batch_sharding(mesh, (tc.batch_size,))
@@ -405,8 +435,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         # the run's config.json, which eval.py reads, as it was. Records past the restored step
         # (written after the last checkpoint of a crashed run) would repeat: they are dropped,
         # and so is a final evaluation that is about to be re-done.
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(run_info, f, indent=2, default=str)
+        write_text_atomic(os.path.join(workdir, "config.json"), json.dumps(run_info, indent=2, default=str))
         writer.truncate(start, drop_evals_at_last=start >= tc.num_steps)
     step_fn = jax.jit(make_train_step(cfg, tc, optimizer, mesh), donate_argnums=(0,),  # state + memory
                       in_shardings=(state_sh, batch_sh, batch_sh, sos_sh),
@@ -468,7 +497,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     last_saved = start if ckpt.all_steps() else None
     window = []
     t_last, paused = time.time(), 0.0
-    with _StopFlag() as stop:
+    with _StopFlag() as stop:  # until the end: the final evaluations stop at a signal too
         step = start
         while step < tc.num_steps:
             batch = stream.batch(step)
@@ -520,46 +549,57 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             if stop.signal:
                 stop_reason = stop.signal
                 break
-    if bar is not None:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
-    if stop_reason == "nonfinite":
+        if stop_reason == "nonfinite":
+            writer.close()
+            where = ckpt.step_dir(last_saved) if last_saved is not None else "none (no checkpoint yet)"
+            raise TrainingError(f"stopped at step {step}: {tc.max_consecutive_nonfinite} consecutive steps "
+                                f"with a non-finite loss or gradient. Last good checkpoint: {where}. "
+                                "Lower the learning rate or check the data.")
+        path = save(step) if last_saved != step else ckpt.step_dir(step)
+        summary = {"workdir": workdir, "step": step, "checkpoint": path, "dataset": ds.name, "unit": ds.unit}
+        if stop_reason:
+            writer.close()
+            msg = (f"received {stop_reason}: saved checkpoint {path} at step {step}; run the same "
+                   "command again to resume")
+            logging.warning(msg)
+            print(msg, flush=True)
+            summary["interrupted"] = stop_reason
+            return summary
+        try:  # a signal now stops the evaluations at once: the checkpoint is already saved
+            stop.interrupt = True
+            if stop.signal:  # it came during the final save
+                raise _Interrupted(stop.signal)
+            res = validate(step, full=True)
+            summary.update({"valid_loss": res.loss, **{f"valid_{k}": v for k, v in unit_metrics(res.loss, ds.unit).items()}})
+            tested_step, tested_params = _select_best_valid(best, best_ckpt, step, state.params, res,
+                                                            valid_tokens, periodic_eval_cfg, exp.eval.batch_size)
+            summary["tested_step"] = tested_step
+            if exp.eval.split != "valid":
+                split = exp.eval.split
+                r = evaluate_tokens(eval_cfg, shard_lib.host_local(tested_params), ds.split(split),
+                                    batch_size=exp.eval.batch_size)
+                writer.write({"step": step, "model_step": tested_step, "split": split, "loss": r.loss,
+                              **unit_metrics(r.loss, ds.unit), "n_targets": r.n_targets,
+                              "eval_seconds": round(r.seconds, 2)})
+                logging.info("step %d %s: loss %.4f %s", tested_step, split, r.loss, headline(r.loss, ds.unit))
+                summary.update({"eval_split": split, "eval_loss": r.loss})
+            records = read_metrics(writer.path)
+            if jax.process_index() == 0 and records:
+                summary["plot"] = plot_loss_curves({cfg.memory: records}, os.path.join(workdir, "loss.png"),
+                                                   title=f"{cfg.memory} on {ds.name}")
+        except _Interrupted as e:
+            msg = (f"received {e.signal} during the final evaluation: the step-{step} checkpoint "
+                   f"{path} is saved; run the same command again to evaluate it")
+            logging.warning(msg)
+            print(msg, flush=True)
+            summary["interrupted"] = e.signal
         writer.close()
-        where = ckpt.step_dir(last_saved) if last_saved is not None else "none (no checkpoint yet)"
-        raise TrainingError(f"stopped at step {step}: {tc.max_consecutive_nonfinite} consecutive steps "
-                            f"with a non-finite loss or gradient. Last good checkpoint: {where}. "
-                            "Lower the learning rate or check the data.")
-    path = save(step) if last_saved != step else ckpt.step_dir(step)
-    summary = {"workdir": workdir, "step": step, "checkpoint": path, "dataset": ds.name, "unit": ds.unit}
-    if stop_reason:
-        writer.close()
-        msg = (f"received {stop_reason}: saved checkpoint {path} at step {step}; run the same "
-               "command again to resume")
-        logging.warning(msg)
-        print(msg, flush=True)
-        summary["interrupted"] = stop_reason
+        ckpt.close()
+        best_ckpt.close()
         return summary
-    res = validate(step, full=True)
-    summary.update({"valid_loss": res.loss, **{f"valid_{k}": v for k, v in unit_metrics(res.loss, ds.unit).items()}})
-    tested_step, tested_params = _select_best_valid(best, best_ckpt, step, state.params, res,
-                                                    valid_tokens, periodic_eval_cfg, exp.eval.batch_size)
-    summary["tested_step"] = tested_step
-    if exp.eval.split != "valid":
-        split = exp.eval.split
-        r = evaluate_tokens(eval_cfg, shard_lib.host_local(tested_params), ds.split(split),
-                            batch_size=exp.eval.batch_size)
-        writer.write({"step": tested_step, "split": split, "loss": r.loss, **unit_metrics(r.loss, ds.unit),
-                      "n_targets": r.n_targets, "eval_seconds": round(r.seconds, 2)})
-        logging.info("step %d %s: loss %.4f %s", tested_step, split, r.loss, headline(r.loss, ds.unit))
-        summary.update({"eval_split": split, "eval_loss": r.loss})
-    records = read_metrics(writer.path)
-    if jax.process_index() == 0 and records:
-        summary["plot"] = plot_loss_curves({cfg.memory: records}, os.path.join(workdir, "loss.png"),
-                                           title=f"{cfg.memory} on {ds.name}")
-    writer.close()
-    ckpt.close()
-    best_ckpt.close()
-    return summary
 
 
 def _select_best_valid(best, best_ckpt, step, params, final, valid_tokens, eval_cfg, batch_size):
@@ -568,8 +608,13 @@ def _select_best_valid(best, best_ckpt, step, params, final, valid_tokens, eval_
     periodic one on the whole split too (evaluating it there when its periodic validation read
     fewer targets). When the final model wins, <workdir>/best is emptied, so that it only ever
     holds a model that beat the final one: eval.py and load_run use it when it is there."""
+    best_params = None
     if best is not None and best["step"] != step:
-        best_params, _ = best_ckpt.restore(best["step"], _abstract(params))
+        try:
+            best_params, _ = best_ckpt.restore(best["step"], _abstract(params))
+        except CheckpointError as e:  # e.g. a deletion that a signal cut short
+            logging.warning("the best-valid model is unusable (%s); testing the final model", e)
+    if best_params is not None:
         loss = best["valid_loss"]
         if best["n_targets"] != final.n_targets:
             loss = evaluate_tokens(eval_cfg, shard_lib.host_local(best_params), valid_tokens,
@@ -593,6 +638,10 @@ def recorded_experiment(info: dict, path: str) -> ExperimentConfig:
     on a real corpus) are reset to their defaults, with a warning: the run loads as it trained.
     Any other invalid value is an error naming the file."""
     from lamemo_jax.data.config import DataConfigError, ignored_random_source_fields
+    missing = [k for k in ("model", "data", "train", "eval", "mesh") if not isinstance(info.get(k), dict)]
+    if missing:
+        raise ConfigError(f"{path}: the run record has no {', '.join(missing)} section(s); it is "
+                          "damaged (train.py rewrites it when the run is resumed)")
     sections = {k: dict(info[k]) for k in ("model", "data", "train", "eval", "mesh")}
     reset = []
     for name, ignored in (("train", ignored_train_settings), ("data", ignored_random_source_fields)):
@@ -616,7 +665,15 @@ def load_run(workdir: str, step: Optional[int] = None):
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{workdir} is not a training workdir (no config.json)")
-    exp = recorded_experiment(json.load(open(path)), path)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); it is damaged (train.py rewrites it "
+                              "when the run is resumed)") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path} is not a run record (a JSON object)")
+    exp = recorded_experiment(info, path)
     cfg = exp.model
     optimizer = make_optimizer(exp.train)
     abstract = jax.eval_shape(lambda: init_train_state(cfg, exp.train, optimizer, exp.train.batch_size))

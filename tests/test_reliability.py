@@ -77,6 +77,77 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     assert f"step:       {steps[0] + 2}" in r.stdout
 
 
+@pytest.mark.parametrize("when", ["evaluation", "save"])
+def test_a_signal_after_the_last_step_stops_the_final_evaluation_and_exits_zero(tmp_path, monkeypatch, when):
+    """SIGTERM/SIGINT save and exit 0 at any time: after the final checkpoint, a signal stops the
+    (possibly long) final evaluations at once instead of killing the process (exit 143)."""
+    from lamemo_jax import checkpoint, trainer
+    real = {"evaluation": trainer.evaluate_tokens, "save": checkpoint.write_manifest}[when]
+
+    def signalling(*a, **k):
+        if when == "evaluation" or os.path.basename(a[0]) == "6":  # the final save: step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(trainer if when == "evaluation" else checkpoint,
+                        "evaluate_tokens" if when == "evaluation" else "write_manifest", signalling)
+    wd = str(tmp_path)
+    summary = train_and_evaluate(tiny(num_steps=6, checkpoint_every=3), wd)
+    assert summary["interrupted"] == "SIGTERM" and "valid_loss" not in summary
+    assert Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [3, 6]
+    monkeypatch.undo()
+    again = train_and_evaluate(tiny(num_steps=6, checkpoint_every=3), wd)  # the evaluation, re-done
+    assert "interrupted" not in again and np.isfinite(again["valid_loss"])
+    assert len([r for r in read_metrics(os.path.join(wd, "metrics.jsonl")) if r["split"] == "valid"]) == 1
+
+
+def test_a_cut_metrics_line_does_not_block_the_resume(tmp_path, caplog):
+    wd = str(tmp_path)
+    train_and_evaluate(tiny(num_steps=10, log_every=5), wd)
+    path = os.path.join(wd, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"bpc": 4.1, "epoch": 0, "gra')  # what a kill or a full disk leaves mid-append
+    with caplog.at_level("WARNING"):
+        summary = train_and_evaluate(tiny(num_steps=15, log_every=5), wd)
+    assert summary["step"] == 15 and "its last line is incomplete" in caplog.text and path in caplog.text
+    recs = read_metrics(path)
+    assert [r["step"] for r in recs if r["split"] == "train"] == [5, 10, 15]
+    assert open(path).read().endswith("}\n")  # the cut line is gone
+    lines = open(path).read().splitlines(True)
+    lines[1] = "not json\n"  # damage inside the file is an error naming file and line
+    open(path, "w").write("".join(lines))
+    with pytest.raises(ValueError, match=f"{path}: line 2 is not a JSON record"):
+        read_metrics(path)
+
+
+def test_evaluation_settings_that_cannot_run_fail_before_training(tmp_path):
+    """Not at the first evaluation, hours later: before any step, naming the setting."""
+    for train, evaluation, match in (({"eval_every": 5, "eval_tokens": 5}, {}, "train.eval_tokens=5"),
+                                     ({}, {"batch_size": 100_000}, "eval.batch_size=100000")):
+        c = tiny(**train)
+        c.eval.update(evaluation)
+        wd = str(tmp_path / match.split("=")[0])
+        with pytest.raises(ConfigError, match=match):
+            train_and_evaluate(c, wd)
+        assert not os.path.exists(os.path.join(wd, "checkpoints", "0")) and not os.path.exists(
+            os.path.join(wd, "metrics.jsonl"))
+
+
+def test_a_damaged_run_record_is_an_error_naming_it(tmp_path):
+    wd = str(tmp_path)
+    train_and_evaluate(tiny(num_steps=3), wd)
+    path = os.path.join(wd, "config.json")
+    text = open(path).read()
+    from lamemo_jax.trainer import load_run
+    open(path, "w").write(text[:200])
+    with pytest.raises(CheckpointError, match=f"{path} is unreadable"):
+        load_run(wd)
+    open(path, "w").write("{}")
+    with pytest.raises(ConfigError, match=f"{path}: the run record has no model, data, train, eval, mesh"):
+        load_run(wd)
+    train_and_evaluate(tiny(num_steps=3), wd)  # the trainer rewrites it
+    assert load_run(wd)[3] == 3
+
+
 def test_sigkill_at_any_moment_resumes_from_last_complete_checkpoint(tmp_path):
     wd = str(tmp_path / "run")
     args = ["--config.train.num_steps=100000", "--config.train.log_every=1",

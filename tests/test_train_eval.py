@@ -108,14 +108,14 @@ def test_the_test_split_is_scored_on_the_best_valid_model(tmp_path, monkeypatch,
     monkeypatch.undo()
     best_dir = os.path.join(workdir, "best")
     if best_wins:
-        assert summary["tested_step"] == 10 and test[0]["step"] == 10
+        assert summary["tested_step"] == 10 and test[0]["model_step"] == 10 and test[0]["step"] == 30
         assert sorted(os.listdir(best_dir)) == ["10"]  # the step-10 checkpoint itself is rotated out
         _, cfg, params, step = load_run(workdir)  # the model the test used
         assert step == 10 and _fingerprint(params) == marked[0]
         assert _fingerprint(load_run(workdir, 10)[2]) == marked[0]
         assert _fingerprint(load_run(workdir, 30)[2]) != marked[0]
     else:
-        assert summary["tested_step"] == 30 and test[0]["step"] == 30
+        assert summary["tested_step"] == 30 and test[0]["model_step"] == test[0]["step"] == 30
         assert not [d for d in os.listdir(best_dir) if d.isdigit()]  # emptied: the final model won
         assert load_run(workdir)[3] == 30
     res = eval_run(workdir=workdir, split="test")  # eval.py scores the same model
