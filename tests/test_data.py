@@ -187,6 +187,85 @@ def test_wikitext103_from_zip_and_the_cache_is_reused(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again.split("train"), ref.split("train"))
 
 
+# ---------------------------------------------------------------------- damaged token caches
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def test_a_damaged_token_cache_is_an_error_naming_the_file(tmp_path):
+    """A ``tokens-<split>.npy`` cut short (mmap said only "mmap length is greater than file size"),
+    unreadable, with bytes beyond its data, or of another dtype / length: a ``CorruptCacheError``
+    naming the file and saying to delete it; deleting it rebuilds the same cache."""
+    _write_wikitext(tmp_path / "manual")
+    ds = _load(tmp_path, name="wikitext103", manual_dir=str(tmp_path / "manual"))
+    ref = np.array(ds.split("valid"))
+    path = ds.cache_file("valid")
+    assert path == Path(ds.info["data_dir"]) / "tokens-valid.npy" and path.is_file()
+    good = path.read_bytes()
+    del ds
+    damaged = {
+        "cut short": (good[:-4], "cut short"),  # the last id gone (the sample is short)
+        "empty": (b"", "not a readable .npy token cache"),
+        "not .npy": (b"not a numpy file\n" * 20, "not a readable .npy token cache"),
+        "header cut": (good[:20], "not a readable .npy token cache"),
+        "trailing bytes": (good + b"\0" * 8, "longer than its header says"),
+        "another dtype": (_npy_bytes(ref.astype(np.int64)), f"expected int32[{len(ref)}], found int64"),
+        "another length": (_npy_bytes(ref[:-1]), f"expected int32[{len(ref)}], found int32[{len(ref) - 1}]"),
+    }
+    for kind, (content, what) in damaged.items():
+        path.unlink()  # a new file: never rewrite one that an earlier map may still hold
+        path.write_bytes(content)
+        with pytest.raises(data.CorruptCacheError) as e:
+            _load(tmp_path, name="wikitext103", manual_dir=str(tmp_path / "manual")).split("valid")
+        msg = str(e.value)
+        assert str(path) in msg and what in msg and "delete it to rebuild" in msg, (kind, msg)
+        assert isinstance(e.value, data.DataConfigError) and isinstance(e.value, ValueError)
+        path.unlink()  # the hint: deleting it rebuilds it from the prepared dataset
+        again = _load(tmp_path, name="wikitext103", manual_dir=str(tmp_path / "manual"))
+        np.testing.assert_array_equal(again.split("valid"), ref)
+        assert path.read_bytes() == good, kind
+        del again
+
+
+def test_the_data_entry_point_names_a_damaged_cache(tmp_path, monkeypatch, capsys):
+    """``python -m lamemo_jax.data``: a token id >= n_token in a split's cache (an IndexError from
+    ``unigram_nll`` before) and a cache cut short are each one ``error:`` line naming the dataset,
+    split, id and vocabulary size / the file, exit 2, no traceback."""
+    from lamemo_jax.data import __main__ as data_main
+    _write_wikitext(tmp_path / "manual")
+    args = ["wikitext103", "--data_dir", str(tmp_path / "cache"), "--manual_dir", str(tmp_path / "manual"),
+            "--set", "allow_download=False"]
+    monkeypatch.setattr("sys.argv", ["lamemo_jax.data", *args])
+    data_main.main()  # prepares it and writes the caches
+    out = capsys.readouterr().out
+    assert "wikitext103 (word, report ppl): n_token=12" in out and "valid" in out
+    ds = _load(tmp_path, name="wikitext103", manual_dir=str(tmp_path / "manual"))
+    valid, test = ds.cache_file("valid"), ds.cache_file("test")
+    ids = np.load(valid, mmap_mode="r+")
+    ids[3] = 99
+    ids.flush()
+    del ids, ds
+    with pytest.raises(SystemExit) as e:
+        data_main.main()
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    assert (f"error: wikitext103: the valid split holds token id 99 outside the vocabulary [0, 12) "
+            f"(n_token=12); its cache {valid} is damaged: delete it to rebuild") in cap.err
+    assert "Traceback" not in cap.err and "IndexError" not in cap.err and "n_token=12" not in cap.out
+    valid.unlink()
+    test.write_bytes(test.read_bytes()[:-4])  # its last id cut off
+    with pytest.raises(SystemExit) as e:
+        data_main.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {test}: cut short" in err and "delete it to rebuild" in err and "Traceback" not in err
+    test.unlink()
+    data_main.main()
+    assert "n_token=12" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------- enwik8 format
 def _enwik8_sample() -> bytes:
     rng = np.random.default_rng(0)
@@ -456,6 +535,15 @@ def test_unigram_nll_add_one():
     # p(w) = (count + 1) / (len(train) + n_token): p(0) = 3/6, p(2) = 1/6
     nll = data.unigram_nll(np.array([0, 0, 1]), np.array([0, 2]), n_token=3)
     assert nll == pytest.approx(-(np.log(3 / 6) + np.log(1 / 6)) / 2, rel=1e-12)
+
+
+def test_unigram_nll_names_an_id_outside_the_vocabulary():
+    with pytest.raises(ValueError, match=r"tokens holds token id 99 outside the vocabulary \[0, 3\)"):
+        data.unigram_nll(np.array([0, 0, 1]), np.array([0, 99]), n_token=3)
+    with pytest.raises(ValueError, match=r"tokens holds token id -1 outside"):  # not wrapped around
+        data.unigram_nll(np.array([0, 0, 1]), np.array([0, -1]), n_token=3)
+    with pytest.raises(ValueError, match=r"train holds token id 3 outside the vocabulary \[0, 3\)"):
+        data.unigram_nll(np.array([0, 3]), np.array([0]), n_token=3)
 
 
 def test_random_source():

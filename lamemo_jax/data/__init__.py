@@ -74,7 +74,11 @@ Where files go
   and counts in ``metadata.json``; readable with ``tfds.data_source(name, data_dir=<data_dir>/tfds)``
   once ``lamemo_jax.data.builders`` is imported (``data.load`` imports it); a non-default config needs
   ``builder_kwargs={"config": data.builders.builder_config_for(DataConfig(...))}``), plus the
-  ``tokens-<split>.npy`` caches written on first ``split()``.
+  ``tokens-<split>.npy`` caches written on first ``split()``. A damaged cache (cut short,
+  unreadable, another dtype or length) is a ``CorruptCacheError`` (a ``DataConfigError``) naming
+  the file: delete it and the next ``split()`` writes it again. Loading checks only the ``.npy``
+  header against the file size, never the ids; ``python -m lamemo_jax.data``, the trainer and
+  evaluation check the ids of the splits they use against the vocabulary.
   A second run downloads and builds nothing.
 * A built WikiText-103 / enwik8 / text8 remembers the sha256, size and mtime of the source files it
   was built from. When the files a build would read now (same search order; nothing is downloaded
@@ -97,6 +101,7 @@ from lamemo_jax.data.config import (
     STANDARD_TOTAL_SIZE,
     STANDARD_VALID_SIZE,
     ChecksumError,
+    CorruptCacheError,
     CorruptSourceError,
     DataConfig,
     DataConfigError,
@@ -129,7 +134,7 @@ def __dir__():
 
 __all__ = [
     "BENCHMARKS", "DATASETS", "OFFLINE_CORPORA", "SPLITS", "STANDARD_TEST_SIZE", "STANDARD_TOTAL_SIZE",
-    "STANDARD_VALID_SIZE", "Batch", "ChecksumError", "CorruptSourceError", "DataConfig", "DataConfigError", "Dataset", "EOS",
+    "STANDARD_VALID_SIZE", "Batch", "ChecksumError", "CorruptCacheError", "CorruptSourceError", "DataConfig", "DataConfigError", "Dataset", "EOS",
     "SourceNotFoundError", "StreamError", "TrainStream", "UNK", "Vocab", "VocabError", "builders",
     "default_config", "eval_batches", "eval_num_targets", "load", "split_bounds", "unigram_nll",
 ]

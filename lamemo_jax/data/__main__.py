@@ -8,8 +8,12 @@ import ast
 import math
 from typing import Any, Dict
 
+import numpy as np
+
 from lamemo_jax import cli, data
-from lamemo_jax.data.dataset import unigram_nll
+from lamemo_jax.api import out_of_vocab_id
+from lamemo_jax.data.config import CorruptCacheError
+from lamemo_jax.data.dataset import Dataset, unigram_nll
 
 
 def _value(text: str) -> Any:
@@ -17,6 +21,32 @@ def _value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def checked_split(ds: Dataset, split: str) -> np.ndarray:
+    """``ds.split(split)``; an id outside the vocabulary is a ``CorruptCacheError`` naming the
+    dataset, split, id, vocabulary size and cache file (one pass for each of min and max)."""
+    toks = ds.split(split)
+    bad = out_of_vocab_id(toks, ds.vocab.n_token)
+    if bad is not None:
+        path = ds.cache_file(split)
+        where = (f"; its cache {path} is damaged: delete it to rebuild it from the prepared dataset "
+                 f"(if the rebuilt one holds it too, delete {ds.info['data_dir']} to prepare the dataset again)"
+                 if path is not None else "")
+        raise CorruptCacheError(f"{ds.name}: the {split} split holds token id {bad} outside the vocabulary "
+                                f"[0, {ds.vocab.n_token}) (n_token={ds.vocab.n_token}){where}")
+    return toks
+
+
+def _print_statistics(ds: Dataset) -> None:
+    splits = {s: checked_split(ds, s) for s in data.SPLITS}  # every split checked before any output
+    train = splits["train"]
+    print(f"{ds.name} ({ds.unit}, report {ds.metric}): n_token={ds.vocab.n_token}")
+    for s, toks in splits.items():
+        nll = unigram_nll(train, toks, ds.vocab.n_token)
+        score = f"ppl {math.exp(nll):.2f}" if ds.metric == "ppl" else f"bpc {nll / math.log(2):.4f}"
+        print(f"  {s:5s} {len(toks):>12,d} tokens   add-one train-unigram {score}")
+    print(f"  files: {ds.info.get('data_dir', '(in memory)')}")
 
 
 def main() -> None:
@@ -31,13 +61,8 @@ def main() -> None:
         k, _, v = kv.partition("=")
         cfg[k] = _value(v)
     ds = cli.run_reporting_errors(lambda: data.load(cfg))  # a user error: one line, exit 2
-    train = ds.split("train")
-    print(f"{ds.name} ({ds.unit}, report {ds.metric}): n_token={ds.vocab.n_token}")
-    for s in data.SPLITS:
-        nll = unigram_nll(train, ds.split(s), ds.vocab.n_token)
-        score = f"ppl {math.exp(nll):.2f}" if ds.metric == "ppl" else f"bpc {nll / math.log(2):.4f}"
-        print(f"  {s:5s} {ds.num_tokens(s):>12,d} tokens   add-one train-unigram {score}")
-    print(f"  files: {ds.info.get('data_dir', '(in memory)')}")
+    # the splits' caches are read (and written on first use) here: a damaged one is one line too
+    cli.run_reporting_errors(lambda: _print_statistics(ds))
 
 
 if __name__ == "__main__":

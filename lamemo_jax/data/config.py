@@ -51,6 +51,13 @@ class CorruptSourceError(DataConfigError):
     what to do (re-download or replace it). A ``DataConfigError``, like a truncated enwik8 / text8."""
 
 
+class CorruptCacheError(DataConfigError):
+    """A prepared ``tokens-<split>.npy`` cache that cannot be used (cut short, unreadable, another
+    dtype or length, token ids outside the vocabulary); the message names the file and says to
+    delete it, which rebuilds it from the prepared dataset on the next load. A ``DataConfigError``
+    (so the entry points print it on one line), like ``CorruptSourceError``."""
+
+
 class SourceNotFoundError(FileNotFoundError):
     """The source files of a dataset are missing and cannot be downloaded; the message says which
     file to put where."""

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 import numpy as np
 
 from lamemo_jax.data import builders
-from lamemo_jax.data.config import DataConfig
+from lamemo_jax.data.config import CorruptCacheError, DataConfig
 from lamemo_jax.data.corpora import SPLITS
 from lamemo_jax.data.vocab import Vocab
 from lamemo_jax.fileio import exclusive_lock
@@ -52,6 +52,10 @@ class Dataset:
 
     def num_tokens(self, split: str) -> int:
         return int(len(self.split(split)))
+
+    def cache_file(self, split: str) -> Optional[Path]:
+        """The ``tokens-<split>.npy`` file that ``split(split)`` maps, or None (``random``)."""
+        return cache_file(self.builder.data_dir, split) if self.builder is not None else None
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, unit={self.unit!r}, n_token={self.vocab.n_token})"
@@ -103,10 +107,16 @@ def preparing_lock(c: DataConfig) -> Iterator[None]:
         yield
 
 
+def cache_file(data_dir: Any, split: str) -> Path:
+    """``<data_dir>/tokens-<split>.npy``: the flat int32 cache of a split of a built dataset."""
+    return Path(data_dir) / f"tokens-{split}.npy"
+
+
 def cached_split(builder: builders.LmBuilder, split: str, n_tokens: int) -> np.ndarray:
     """The split as a read-only memory map of ``<data_dir>/tokens-<split>.npy``, written once from the
-    tfds data source (chunks put in ``index`` order)."""
-    path = Path(builder.data_dir) / f"tokens-{split}.npy"
+    tfds data source (chunks put in ``index`` order). A damaged cache (see ``open_cache``) is a
+    ``CorruptCacheError`` naming the file."""
+    path = cache_file(builder.data_dir, split)
     if not path.exists():
         src = builder.as_data_source(split=split)
         meta = sorted((int(src[i]["index"]), i) for i in range(len(src)))
@@ -127,10 +137,40 @@ def cached_split(builder: builders.LmBuilder, split: str, n_tokens: int) -> np.n
         out.flush()
         del out
         os.replace(tmp, path)
-    arr = np.load(path, mmap_mode="r")
-    if arr.dtype != np.int32 or arr.shape != (n_tokens,):
-        raise ValueError(f"{path}: expected int32[{n_tokens}], found {arr.dtype}{list(arr.shape)}; delete it to rebuild")
-    return arr
+    return open_cache(path, n_tokens)
+
+
+def open_cache(path: Path, n_tokens: int) -> np.ndarray:
+    """The read-only memory map of a ``tokens-<split>.npy`` cache that must hold int32[n_tokens].
+
+    Checks only the ``.npy`` header and the file size (O(1), no pass over the ids): a file cut
+    short (which ``mmap`` refused with no path: "mmap length is greater than file size"), one with
+    bytes beyond its data, an unreadable header, another dtype or length are each a
+    ``CorruptCacheError`` naming the file; deleting it rebuilds it on the next load. The ids
+    themselves are checked where they are used (the trainer, evaluation, ``python -m
+    lamemo_jax.data``)."""
+    hint = "delete it to rebuild it from the prepared dataset"
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            data_offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, EOFError) as e:
+        raise CorruptCacheError(f"{path}: not a readable .npy token cache ({type(e).__name__}: {e}); {hint}") from e
+    if dtype != np.int32 or tuple(shape) != (n_tokens,):
+        raise CorruptCacheError(f"{path}: expected int32[{n_tokens}], found {dtype}{list(shape)}; {hint}")
+    expected = data_offset + n_tokens * np.dtype(np.int32).itemsize
+    if size != expected:
+        what = "cut short" if size < expected else "longer than its header says"
+        raise CorruptCacheError(f"{path}: {what}: {size:,} bytes, its header (int32[{n_tokens}]) needs "
+                                f"{expected:,}; {hint}")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:  # e.g. changed between the check and the map
+        raise CorruptCacheError(f"{path}: cannot be memory-mapped ({type(e).__name__}: {e}); {hint}") from e
 
 
 def _random_dataset(c: DataConfig) -> Dataset:
@@ -149,9 +189,13 @@ def unigram_nll(train: np.ndarray, tokens: np.ndarray, n_token: int, alpha: floa
     """Mean NLL (nats) of ``tokens`` under the train unigram distribution with add-``alpha``
     smoothing over the whole vocabulary: ``p(w) = (count_train(w) + alpha) / (len(train) + alpha * n_token)``.
     ``exp`` of it is the unigram perplexity, ``/ ln 2`` the unigram bits per character: a
-    sanity ceiling any trained model must beat."""
+    sanity ceiling any trained model must beat. An id outside ``[0, n_token)`` in either is a
+    ``ValueError`` naming it."""
+    from lamemo_jax.api import out_of_vocab_id  # NumPy only; imported here so the loader does not need the model
+    for name, ids in (("train", train), ("tokens", tokens)):
+        bad = out_of_vocab_id(ids, n_token)
+        if bad is not None:
+            raise ValueError(f"{name} holds token id {bad} outside the vocabulary [0, {n_token})")
     counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=n_token).astype(np.float64)
-    if len(counts) > n_token:
-        raise ValueError(f"train holds ids >= n_token={n_token}")
     logp = np.log(counts + alpha) - np.log(len(train) + alpha * n_token)
     return float(-logp[np.asarray(tokens, dtype=np.int64)].mean())
