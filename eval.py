@@ -10,6 +10,7 @@ Writes <workdir>/eval_<split>.json (and eval_<split>_memsweep.{json,png} for a s
 
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -50,6 +51,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     tune_cpu_host()  # XLA:CPU steps without page faults (lamemo_jax.host); before any computation
     cli.setup_logging()
+    if _PROMPT.value is None:  # their defaults are not errors; a value given for nothing is
+        given = [f"--{n}" for n in ("max_new_tokens", "temperature", "top_p", "seed") if flags.FLAGS[n].present]
+        if given:
+            print(f"error: {', '.join(given)} only apply with --prompt (generation)", file=sys.stderr)
+            sys.exit(2)
     from lamemo_jax.evaluate_cli import run
     result = cli.run_reporting_errors(lambda: run(
         workdir=_WORKDIR.value, step=_STEP.value, config=_CONFIG.value, torch_checkpoint=_TORCH.value,

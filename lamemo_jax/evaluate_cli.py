@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
 
 from lamemo_jax import data as data_lib
 from lamemo_jax.config import ConfigError
-from lamemo_jax.data.vocab import VocabError
+from lamemo_jax.data.vocab import UNK, VocabError
 from lamemo_jax.evaluate import evaluate_tokens, generate, memory_sweep
 from lamemo_jax.experiment import ExperimentConfig
 from lamemo_jax.metrics import headline, plot_xy, unit_metrics
@@ -34,6 +35,13 @@ def _load_model(workdir, step, config, torch_checkpoint, torch_config):
     return exp, cfg, params, f"{os.path.abspath(workdir)}/{where}/{loaded}"
 
 
+def unknown_words(vocab, text: str) -> list:
+    """The words of ``text`` that a word vocabulary reads as <unk> (a literal <unk> aside)."""
+    if vocab.unit != "word" or vocab.unk_id is None:
+        return []
+    return [w for w in text.split() if w != UNK and vocab.token_to_id(w) == vocab.unk_id]
+
+
 def _check_flags(*, workdir, step, config, torch_checkpoint, torch_config, split, tgt_len, mem_len,
                  batch_size, max_tokens, mem_lens, output, prompt, max_new_tokens, temperature,
                  top_p):
@@ -47,6 +55,8 @@ def _check_flags(*, workdir, step, config, torch_checkpoint, torch_config, split
                 f"{name} does not apply with --workdir: a training run's settings come from its "
                 "config.json; change the evaluation with eval.py's flags (--split, --batch_size, ...)"
                 if workdir else f"{name} needs --torch_checkpoint (an original PyTorch checkpoint)")
+    if mem_lens and mem_len is not None:
+        raise ConfigError("--mem_len does not apply with --mem_lens (the sweep sets the memory length)")
     if prompt is not None:
         for name, value in (("--split", split), ("--batch_size", batch_size), ("--mem_lens", mem_lens),
                             ("--max_tokens", max_tokens or None), ("--output", output)):
@@ -86,6 +96,8 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
                  torch_config=torch_config, split=split, tgt_len=tgt_len, mem_len=mem_len,
                  batch_size=batch_size, max_tokens=max_tokens, mem_lens=mem_lens, output=output,
                  prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if output is not None:  # before any work: a missing folder would lose the results at the end
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     exp, cfg, params, source = _load_model(workdir, step, config, torch_checkpoint, torch_config)
     ds = data_lib.load(exp.data)
     if ds.vocab.n_token != cfg.n_token:
@@ -107,6 +119,11 @@ def run(*, workdir: Optional[str] = None, step: Optional[int] = None, config=Non
             except VocabError:
                 pass
             raise ConfigError(f"--prompt ({ds.name}): {err}{hint}") from None
+        unknown = unknown_words(ds.vocab, prompt)
+        if unknown:
+            logging.warning("--prompt: %d word(s) not in the %s vocabulary are read as %s: %s (the corpus "
+                            "is tokenized: punctuation is its own word, e.g. 'economy , is strong .')",
+                            len(unknown), ds.name, UNK, ", ".join(repr(w) for w in unknown))
         print(prompt, end="", flush=True)
         sep = " " if ds.unit == "word" else ""
         text_of = ds.vocab.stream_decoder()

@@ -143,8 +143,9 @@ def plot_xy(series: Dict[str, tuple], path: str, xlabel: str, ylabel: str, title
     plt, fig, ax = _figure()
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, "o-", label=name)
-    if logx:
-        ax.set_xscale("log", base=2)
+    if logx:  # symmetric-log when x = 0 is a point (a memory sweep from mem_len 0): log below 1 hides it
+        has_zero = any(x <= 0 for xs, _ in series.values() for x in xs)
+        ax.set_xscale("symlog", base=2, linthresh=1) if has_zero else ax.set_xscale("log", base=2)
     return _finish(plt, fig, ax, path, xlabel, ylabel, title)
 
 

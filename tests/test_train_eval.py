@@ -243,12 +243,49 @@ def test_a_prompt_outside_the_vocabulary_is_a_clear_error(tiny_run):
     (dict(prompt="the", max_tokens=100), "--max_tokens does not apply with --prompt"),
     (dict(prompt="the", split="valid"), "--split does not apply with --prompt"),
     (dict(prompt="the", output="out.json"), "--output does not apply with --prompt"),
+    (dict(mem_lens=["8"], mem_len=4), "--mem_len does not apply with --mem_lens"),
 ])
 def test_bad_eval_flags_are_errors_naming_the_flag(kw, flag):
     """Never a silent default (0 meant "the config's" for --tgt_len) or a silent no-op."""
     from lamemo_jax.config import ConfigError
     with pytest.raises(ConfigError, match=re.escape(flag)):
         eval_run(**{"workdir": "/nonexistent", **kw})  # checked before anything is loaded
+
+
+def test_generation_flags_without_a_prompt_are_errors():
+    import subprocess, sys
+    from tests.conftest import ROOT
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--workdir=/nonexistent",
+                        "--temperature=0.5", "--seed=3"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and "error: --temperature, --seed only apply with --prompt" in r.stderr
+
+
+def test_words_a_prompt_reads_as_unk_are_named():
+    from lamemo_jax.data.vocab import Vocab
+    from lamemo_jax.evaluate_cli import unknown_words
+    vocab = Vocab("word", ("<eos>", "<unk>", "The", "economy", "is", ",", "."))
+    assert unknown_words(vocab, "The economy, is strong .") == ["economy,", "strong"]
+    assert unknown_words(vocab, "The <unk> is .") == []
+    assert unknown_words(Vocab("char", ("a", "_")), "a a") == []
+
+
+def test_output_folder_is_made_first_and_the_sweep_plot_keeps_mem_len_0(tiny_run, monkeypatch):
+    """--output into a folder that does not exist yet works (it failed after all the work), and a
+    sweep from mem_len 0 is plotted on a symmetric-log axis (a log axis drops x = 0)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.axes
+    workdir, _ = tiny_run
+    scales, real = [], matplotlib.axes.Axes.set_xscale
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xscale",
+                        lambda self, value, **k: (scales.append(value), real(self, value, **k))[1])
+    out = os.path.join(workdir, "new", "folder", "sweep.json")
+    res = eval_run(workdir=workdir, split="valid", max_tokens=4 * (2 * 16 + 1), mem_lens=["0", "8"], output=out)
+    assert res["json"] == out and os.path.exists(out) and [r["mem_len"] for r in res["sweep"]] == [0, 8]
+    assert scales == ["symlog"] and os.path.getsize(res["plot"]) > 1000
+    eval_run(workdir=workdir, split="valid", max_tokens=4 * (2 * 16 + 1), mem_lens=["4", "8"], output=out)
+    assert scales == ["symlog", "log"]
 
 
 def test_generation_is_deterministic_and_follows_the_prompt(tiny_run):
