@@ -25,6 +25,26 @@ def log_devices():
                  host.applied() or "none")
 
 
+def parse_flags(argv):
+    """absl's flag parsing for ``app.run(main, flags_parser=cli.parse_flags)``: a bad
+    ``--config.<section>.<key>`` override (an unknown key, a value of the wrong type) is one line
+    naming the flag and exit status 2, not ml_collections' chained tracebacks."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # absl's own errors: its message and usage, as app.run does
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        inner = e.args[0] if e.args else e
+        text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        print(f"error: a --config override cannot be applied ({' '.join(overrides) or 'none given'}): "
+              f"unknown key or bad value: {' '.join(str(text).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_reporting_errors(fn: Callable):
     """Runs fn; a known user error becomes one clear line on stderr and exit status 2."""
     from lamemo_jax.checkpoint import CheckpointError

@@ -132,6 +132,13 @@ def test_evaluation_settings_that_cannot_run_fail_before_training(tmp_path):
             os.path.join(wd, "metrics.jsonl"))
 
 
+def test_a_mistyped_config_override_is_one_line_naming_it(tmp_path):
+    r = subprocess.run(train_cmd(str(tmp_path), "--config.train.batch_siez=4"), env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "--config.train.batch_siez" in r.stderr and 'Did you mean "batch_size"' in r.stderr
+
+
 def test_a_damaged_run_record_is_an_error_naming_it(tmp_path):
     wd = str(tmp_path)
     train_and_evaluate(tiny(num_steps=3), wd)
