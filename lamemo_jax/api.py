@@ -63,9 +63,9 @@ def out_of_vocab_id(tokens, n_token: int) -> Optional[int]:
     return hi if hi >= n_token else None
 
 
-def _check_tokens(cfg: ModelConfig, tokens, name: str):
-    if tokens.ndim != 2:
-        raise ValueError(f"{name} must be int [B, T]; got shape {tuple(tokens.shape)}")
+def _check_tokens(cfg: ModelConfig, tokens, name: str, layout: str = "[B, T]"):
+    if tokens.ndim != layout.count(",") + 1:
+        raise ValueError(f"{name} must be int {layout}; got shape {tuple(tokens.shape)}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must hold integer token ids; got dtype {tokens.dtype}")
     # Concrete arrays (NumPy, or JAX arrays outside a trace) are checked here; under jit/grad/
@@ -87,11 +87,17 @@ def apply(cfg: ModelConfig, params: Params, tokens: Array, memory: Memory, *,
     ``cfg.dropout`` or ``cfg.dropatt`` is non-zero. Works under ``jit`` / ``grad`` / ``scan``.
     """
     _check_tokens(cfg, tokens, "tokens")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}: a segment needs at least one "
+                         "token per row")
     if targets is not None:
         _check_tokens(cfg, targets, "targets")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
     check_memory(cfg, memory, tokens.shape[0])
+    if start_of_sequence is not None and np.shape(start_of_sequence) != tokens.shape[:1]:
+        raise ValueError(f"start_of_sequence has shape {np.shape(start_of_sequence)}; needs [B] = "
+                         f"{tuple(tokens.shape[:1])}, one flag per row of tokens {tuple(tokens.shape)}")
     if train and (cfg.dropout > 0 or cfg.dropatt > 0) and rng is None:
         raise ValueError("apply(train=True) with dropout needs an rng key")
     memory = reset_rows(memory, start_of_sequence)
@@ -110,7 +116,16 @@ def run_segments(cfg: ModelConfig, params: Params, inputs_BSN: Array, targets_BS
 
     Gradients do not cross segment boundaries (the carried memory is stop-gradient'ed).
     """
+    # Checked here while concrete (inside the scan apply sees tracers and cannot check the ids)
+    _check_tokens(cfg, inputs_BSN, "inputs_BSN", "[B, S, N]")
+    _check_tokens(cfg, targets_BSN, "targets_BSN", "[B, S, N]")
+    if targets_BSN.shape != inputs_BSN.shape:
+        raise ValueError(f"targets_BSN shape {tuple(targets_BSN.shape)} != inputs_BSN shape "
+                         f"{tuple(inputs_BSN.shape)}")
     b, s, n = inputs_BSN.shape
+    if start_of_sequence_BS is not None and np.shape(start_of_sequence_BS) != (b, s):
+        raise ValueError(f"start_of_sequence_BS has shape {np.shape(start_of_sequence_BS)}; needs "
+                         f"[B, S] = {(b, s)} for inputs_BSN {tuple(inputs_BSN.shape)}")
     xs = {"inputs": jnp.swapaxes(inputs_BSN, 0, 1), "targets": jnp.swapaxes(targets_BSN, 0, 1),
           "index": jnp.arange(s)}
     if start_of_sequence_BS is not None:

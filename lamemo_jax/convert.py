@@ -30,6 +30,7 @@ ATTN_TYPES = {0: ("xl", "disentangled"), 3: ("lamemo", "disentangled"), 31: ("la
               32: ("lamemo", "future_content_bias"), 33: ("lamemo", "full")}
 ATTN_TYPE_OF = {v: k for k, v in ATTN_TYPES.items()}
 IGNORED_BUFFERS = ("train_logits_constant", "eval_logits_constant")
+REQUIRED_KEYS = ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner", "tgt_len", "mem_len")
 
 
 class ConversionError(ValueError):
@@ -39,6 +40,10 @@ class ConversionError(ValueError):
 def config_from_torch(config: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
     other = dict(config.get("other_constructor_args") or {})
     get = lambda k, default=None: config.get(k, other.get(k, default))
+    missing = [k for k in REQUIRED_KEYS if get(k) is None]
+    if missing:
+        raise ConversionError(f"original config is missing required key(s) {missing} (the "
+                              "MemTransformerLM constructor arguments)")
     attn_type = int(get("attn_type", 0))
     if attn_type not in ATTN_TYPES:
         raise ConversionError(f"attn_type={attn_type} is not supported (supported: "
@@ -71,8 +76,8 @@ def config_from_torch(config: Mapping[str, Any], dtype: str = "float32") -> Mode
             tgt_len=int(get("tgt_len")), mem_len=int(get("mem_len")), clamp_len=int(get("clamp_len", -1)),
             same_length=bool(get("same_length", False)), memory=memory, lookahead=lookahead,
             dtype=dtype, param_dtype=dtype)
-    except TypeError as e:
-        raise ConversionError(f"original config is missing a required key: {e}") from e
+    except TypeError as e:  # the required keys are all present (checked above): a wrong type
+        raise ConversionError(f"original config has a value of the wrong type: {e}") from e
     except ConfigError as e:  # e.g. attn_type 33 with mem_len < tgt_len (the original crashes too)
         raise ConversionError(f"original config (attn_type={attn_type}) is not a valid model: {e}") from e
 
@@ -136,7 +141,8 @@ def _tied_keys(cfg: ModelConfig):
 def from_torch(config: Mapping[str, Any], state_dict: Mapping[str, Any]):
     """(ModelConfig, params) from the original constructor args and a NumPy state dict."""
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    float_dtypes = {str(v.dtype) for k, v in sd.items() if v.dtype.kind == "f"}
+    # jnp.issubdtype, not dtype.kind == "f": ml_dtypes' bfloat16 has kind "V"
+    float_dtypes = {str(v.dtype) for k, v in sd.items() if jnp.issubdtype(v.dtype, jnp.floating)}
     if len(float_dtypes) != 1:
         raise ConversionError(f"state_dict mixes float dtypes {sorted(float_dtypes)}; cast it to one")
     dtype = float_dtypes.pop()
@@ -172,11 +178,18 @@ def from_torch(config: Mapping[str, Any], state_dict: Mapping[str, Any]):
     if "pos_emb.inv_freq" in sd:
         # A few float32 ulps of slack: the original's float32 power is torch's, whose last bit
         # depends on the CPU (model.inv_freq rounds each step correctly; it matches every fixture's
-        # buffer exactly); a different formula is off by far more.
-        if not np.allclose(sd["pos_emb.inv_freq"], inv_freq(cfg.d_model),
-                           rtol=8 * float(np.finfo(np.float32).eps), atol=0):
+        # buffer exactly); a different formula is off by far more. The buffer is compared in its
+        # own dtype: the original's model.half() (--fp16) or a bfloat16 cast rounds the float32
+        # buffer once (~5e-4 / ~4e-3 relative), so ours rounded the same way is at most one ulp of
+        # that dtype away: 2 of its ulps of slack when coarser than float32.
+        buf = sd["pos_emb.inv_freq"]
+        want = inv_freq(cfg.d_model).astype(buf.dtype)
+        rtol = max(8 * float(np.finfo(np.float32).eps), 2 * float(jnp.finfo(buf.dtype).eps))
+        if buf.shape != want.shape or not np.allclose(buf.astype(np.float64), want.astype(np.float64),
+                                                      rtol=rtol, atol=0):
             raise ConversionError("state_dict['pos_emb.inv_freq'] differs from 1/10000^(2k/d_model) "
-                                  "computed in float32; this model's sinusoid would not match")
+                                  f"computed in float32 (compared in {buf.dtype}); this model's "
+                                  "sinusoid would not match")
         used.add("pos_emb.inv_freq")
     leftover = sorted(k for k in sd if k not in used and not k.endswith(IGNORED_BUFFERS))
     if leftover:
@@ -240,12 +253,19 @@ def memory_from_torch(cfg: ModelConfig, mems) -> Optional[Memory]:
     mems = [np.asarray(x) for x in mems]
     if all(x.size == 0 and x.ndim == 1 for x in mems):
         return None  # the original's init_mems(): empty 1-D tensors, i.e. no token held yet
+    if mems[0].ndim < 2:
+        raise ValueError(f"mems[0] has shape {mems[0].shape}; the original's memory tensors are "
+                         "time-major [M, B, ...]")
     m, b = mems[0].shape[:2]
     if m > cfg.mem_len:
         raise ValueError(f"memory holds {m} tokens but ModelConfig.mem_len={cfg.mem_len}")
     empty = init_memory(cfg, b)
 
-    def place(buf, x):  # buf [B, Mb, ...]
+    def place(buf, x, i, what):  # buf [B, Mb, ...]; x = mems[i], [M, B, ...]
+        want = (m, b) + tuple(buf.shape[2:])
+        if x.shape != want:
+            raise ValueError(f"mems[{i}] ({what}) has shape {x.shape}; expected {want} ([M, B, ...] "
+                             f"with M={m} tokens and batch B={b} from mems[0])")
         x = np.swapaxes(x, 0, 1)
         return buf.at[:, buf.shape[1] - m:].set(jnp.asarray(x, buf.dtype))
 
@@ -253,14 +273,17 @@ def memory_from_torch(cfg: ModelConfig, mems) -> Optional[Memory]:
     if cfg.memory == "xl":
         if len(mems) != cfg.n_layer + 1:
             raise ValueError(f"XL memory list needs n_layer+1={cfg.n_layer + 1} tensors, got {len(mems)}")
-        hidden = jnp.stack([place(empty.hidden[i], mems[i]) for i in range(cfg.n_layer + 1)])
+        hidden = jnp.stack([place(empty.hidden[i], mems[i], i, f"layer {i - 1} output" if i else "embed")
+                            for i in range(cfg.n_layer + 1)])
         return XLMemory(hidden=hidden, length=length)
     if len(mems) != 2 * cfg.n_layer + 1:
         raise ValueError(f"LaMemo memory list needs 2*n_layer+1={2 * cfg.n_layer + 1} tensors, got {len(mems)}")
     return LaMemoMemory(
-        embed=place(empty.embed, mems[0]),
-        attn=jnp.stack([place(empty.attn[l], mems[2 * l + 1]) for l in range(cfg.n_layer)]),
-        lse=jnp.stack([place(empty.lse[l], mems[2 * l + 2]) for l in range(cfg.n_layer)]),
+        embed=place(empty.embed, mems[0], 0, "embed"),
+        attn=jnp.stack([place(empty.attn[l], mems[2 * l + 1], 2 * l + 1, f"layer {l} attn")
+                        for l in range(cfg.n_layer)]),
+        lse=jnp.stack([place(empty.lse[l], mems[2 * l + 2], 2 * l + 2, f"layer {l} lse")
+                       for l in range(cfg.n_layer)]),
         length=length)
 
 
