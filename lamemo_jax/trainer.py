@@ -246,12 +246,12 @@ class _Interrupted(Exception):
 
 class _StopFlag:
     """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits 0.
-    With ``interrupt=True`` (the final evaluations, after the last checkpoint) they raise
+    Once ``interrupt`` is set (the final evaluations, after the last checkpoint) they raise
     ``_Interrupted`` instead, so that a preempted run stops at once and still exits 0."""
 
-    def __init__(self, interrupt: bool = False):
+    def __init__(self):
         self.signal = None
-        self.interrupt = interrupt
+        self.interrupt = False
         self._old = {}
 
     def __enter__(self):
@@ -286,16 +286,17 @@ def _check_evaluations_fit(exp: ExperimentConfig, name: str, splits: dict) -> No
     train.eval_tokens, the final one on the whole valid split and on eval.split) has at least two
     tokens per eval.batch_size stream; otherwise the run would fail at its first evaluation."""
     bs, tc = exp.eval.batch_size, exp.train
-    checks = [("valid", len(splits["valid"]), "the final validation"),
-              (exp.eval.split, len(splits[exp.eval.split]), "the final evaluation (eval.split)")]
+    checks = [("valid", len(splits["valid"]), "the final validation", ""),
+              (exp.eval.split, len(splits[exp.eval.split]), "the final evaluation (eval.split)", "")]
     if tc.eval_every and tc.eval_tokens:
         checks.append(("valid", min(tc.eval_tokens, len(splits["valid"])),
-                       f"the periodic validation (train.eval_tokens={tc.eval_tokens})"))
-    for split, n, what in checks:
+                       f"the periodic validation (train.eval_tokens={tc.eval_tokens})",
+                       " or raise train.eval_tokens"))
+    for split, n, what, or_else in checks:
         if n // bs < 2:
             raise ConfigError(f"{what} would read {n} {name} {split} tokens: too few for "
                               f"eval.batch_size={bs} streams of at least 2 tokens (needs {2 * bs}); "
-                              "lower eval.batch_size" + (" or raise train.eval_tokens" if "periodic" in what else ""))
+                              f"lower eval.batch_size{or_else}")
 
 
 def _compatible(meta: dict, cfg: ModelConfig, tc: TrainConfig) -> None:
