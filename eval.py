@@ -22,9 +22,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, only wit
                                           "its data and eval sections (a --workdir run's come from its "
                                           "config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the model the training run "
-                             "tested: its best-valid one when it kept one in <workdir>/best, else "
-                             "the latest good checkpoint).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the model a finished run "
+                             "tested, its best-valid one (<workdir>/tested.json); else the latest "
+                             "good checkpoint).")
 _TORCH = flags.DEFINE_string("torch_checkpoint", None, "An original PyTorch checkpoint (.pt).")
 _TORCH_CONFIG = flags.DEFINE_string("torch_config", None, "JSON of its MemTransformerLM constructor args.")
 _SPLIT = flags.DEFINE_enum("split", None, ["valid", "test", "train"], "Split (default: eval.split).")

@@ -36,12 +36,15 @@ def parse_flags(argv):
         print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
         print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
         sys.exit(1)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError) as e:  # ml_collections: an unknown key in an override
         inner = e.args[0] if e.args else e
-        text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        print(f"error: a --config override cannot be applied ({' '.join(overrides) or 'none given'}): "
-              f"unknown key or bad value: {' '.join(str(text).split())}", file=sys.stderr)
+        text = " ".join(str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner).split())
+        key = text.split("'")[1] if text.count("'") >= 2 else None
+        named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key
+                 and key in a.split("=")[0].split(".")]
+        if not named:  # not an override's key (e.g. a bug inside the config file): the traceback
+            raise
+        print(f"error: {named[0]}: unknown config key {text}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -28,11 +28,9 @@ def _load_model(workdir, step, config, torch_checkpoint, torch_config):
         return exp, cfg, params, f"torch:{torch_checkpoint}"
     if not workdir:
         raise ConfigError("give --workdir (a training run) or --torch_checkpoint")
-    from lamemo_jax.trainer import BEST, load_run
-    exp, cfg, params, loaded = load_run(workdir, step)
-    has = lambda d: os.path.isdir(os.path.join(workdir, d, str(loaded)))
-    where = BEST if has(BEST) and (step is None or not has("checkpoints")) else "checkpoints"
-    return exp, cfg, params, f"{os.path.abspath(workdir)}/{where}/{loaded}"
+    from lamemo_jax.trainer import load_run
+    exp, cfg, params, _, path = load_run(workdir, step, with_path=True)
+    return exp, cfg, params, path
 
 
 def unknown_words(vocab, text: str) -> list:

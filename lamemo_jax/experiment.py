@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+import jax
 import ml_collections
 
 from lamemo_jax.config import DTYPES, ConfigError, ModelConfig, _is_int, _py
@@ -195,6 +196,9 @@ class ExperimentConfig:
         model's. The compute dtype is eval.dtype (float32 by default: a bf16 run is validated and
         tested in float32, as the original evaluates), float64 for a float64 model."""
         e, m = self.eval, model or self.model
+        if e.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ConfigError("eval.dtype='float64' needs float64 enabled (jax_enable_x64): JAX would "
+                              "compute in float32")
         first = lambda *values: next(v for v in values if v is not None)
         return m.replace(dtype="float64" if m.dtype == "float64" else e.dtype,
                          tgt_len=tgt_len or e.tgt_len or m.tgt_len,

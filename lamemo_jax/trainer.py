@@ -39,7 +39,8 @@ from lamemo_jax.memory import LaMemoMemory, Memory, XLMemory, init_memory, reset
 from lamemo_jax.metrics import MetricWriter, headline, plot_loss_curves, read_metrics, unit_metrics
 
 
-BEST = "best"  # <workdir>/best: the params of the best-valid step, when it is not the final one
+BEST = "best"  # <workdir>/best: the params of the best-valid models (BestValid)
+TESTED = "tested.json"  # <workdir>/tested.json: the step of the model a finished run tested
 
 
 class TrainingError(RuntimeError):
@@ -208,6 +209,64 @@ def init_sharded_train_state(cfg: ModelConfig, tc: TrainConfig, optimizer, batch
     return jax.jit(init, out_shardings=shardings)(), shardings
 
 
+# --------------------------------------------------------------------------- the best-valid model
+def _protocol_key(res) -> dict:
+    """What makes two validation losses comparable: the same targets under the same settings."""
+    return {**{k: v for k, v in res.protocol.items() if k != "last_segment_len"},
+            "n_targets": int(res.n_targets)}
+
+
+class BestValid:
+    """``<workdir>/best``: the params of the best-valid models (the original's
+    checkpoint_best.pt), the newest the best. Every validation offers its model; a loss measured
+    under another protocol (eval_tokens or eval settings changed on a resume, or the final
+    validation on the whole split against a periodic one on a part) is not compared as is: the
+    kept model is evaluated again under the new one. The older of the two kept models is the
+    fallback when a resume drops a newer one, which a crashed run saved past its last
+    checkpoint. Every process makes the same calls (orbax's save and delete are collective)."""
+
+    def __init__(self, workdir: str, start: int, abstract_params):
+        self.ckpt = Checkpointer(os.path.join(workdir, BEST), keep=2)
+        self.abstract = abstract_params
+        for s in self.ckpt.all_steps():
+            if s > start:  # the resumed run re-trains these steps: not its models
+                logging.info("dropping the best-valid model of step %d (after the resumed step %d)", s, start)
+                self.ckpt.delete(s)
+        self.meta = self.ckpt.latest_meta()
+
+    def offer(self, step: int, params, res, evaluate) -> None:
+        """Keeps ``params`` (the model of ``step``, validated as ``res``) if it is the best so far.
+        ``evaluate(params)`` validates the kept model under ``res``'s protocol when needed."""
+        if not np.isfinite(res.loss) or (self.meta is not None and self.meta["step"] == step):
+            return
+        if self.meta is not None and self._loss_under(res, evaluate) <= res.loss:
+            return
+        self.meta = {"step": step, "valid_loss": float(res.loss), "protocol": _protocol_key(res)}
+        self.ckpt.save(step, params, self.meta)
+        shard_lib.sync(f"lamemo_best_{step}")
+
+    def _loss_under(self, res, evaluate) -> float:
+        if self.meta.get("protocol") == _protocol_key(res):
+            return self.meta["valid_loss"]
+        params = self.params()
+        if params is None:
+            return float("inf")
+        again = evaluate(params)
+        self.meta.update(valid_loss=float(again.loss), protocol=_protocol_key(again))
+        return again.loss
+
+    def params(self):
+        """The kept best model's params (None, with a warning, when it is unusable)."""
+        try:
+            return self.ckpt.restore(self.meta["step"], self.abstract)[0]
+        except CheckpointError as e:  # e.g. a deletion that a kill cut short
+            logging.warning("the best-valid model is unusable (%s)", e)
+            return None
+
+    def close(self):
+        self.ckpt.close()
+
+
 # --------------------------------------------------------------------------- run helpers
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
@@ -238,7 +297,7 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-class _Interrupted(Exception):
+class _Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
         self.signal = signal_name
@@ -288,7 +347,7 @@ def _check_evaluations_fit(exp: ExperimentConfig, name: str, splits: dict) -> No
     bs, tc = exp.eval.batch_size, exp.train
     checks = [("valid", len(splits["valid"]), "the final validation", ""),
               (exp.eval.split, len(splits[exp.eval.split]), "the final evaluation (eval.split)", "")]
-    if tc.eval_every and tc.eval_tokens:
+    if tc.eval_every and tc.eval_every < tc.num_steps and tc.eval_tokens:
         checks.append(("valid", min(tc.eval_tokens, len(splits["valid"])),
                        f"the periodic validation (train.eval_tokens={tc.eval_tokens})",
                        " or raise train.eval_tokens"))
@@ -402,7 +461,6 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
     optimizer = make_optimizer(tc)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    best_ckpt = Checkpointer(os.path.join(workdir, BEST), keep=1)  # params of the best-valid step
     run_info = {"model": cfg.to_dict(), "data": dict(exp.data), "train": dataclasses.asdict(tc),
                 "eval": dataclasses.asdict(exp.eval), "mesh": dataclasses.asdict(exp.mesh),
                 "unit": ds.unit, "dataset": ds.name}
@@ -421,13 +479,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                     "it will not continue as that run would have (data order, dropout, learning "
                     "rate): %s", "; ".join(changed))
     start = int(state.step)
-    best = best_ckpt.latest_meta()
-    if best is not None and best["step"] > start:  # a crashed run's, past the step resumed from
-        logging.info("dropping the best-valid model of step %d (after the resumed step %d)",
-                     best["step"], start)
-        for s_ in best_ckpt.all_steps():
-            best_ckpt.delete(s_)
-        best = None
+    best = BestValid(workdir, start, _abstract(state.params))
     if start >= tc.num_steps and start > 0:
         logging.warning("the checkpoint in %s is at step %d, not before train.num_steps=%d: nothing to "
                         "train; evaluating the step-%d model", workdir, start, tc.num_steps, start)
@@ -437,6 +489,8 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         # (written after the last checkpoint of a crashed run) would repeat: they are dropped,
         # and so is a final evaluation that is about to be re-done.
         write_text_atomic(os.path.join(workdir, "config.json"), json.dumps(run_info, indent=2, default=str))
+        if start < tc.num_steps and os.path.exists(os.path.join(workdir, TESTED)):
+            os.remove(os.path.join(workdir, TESTED))  # not finished any more: eval.py reads the latest
         writer.truncate(start, drop_evals_at_last=start >= tc.num_steps)
     step_fn = jax.jit(make_train_step(cfg, tc, optimizer, mesh), donate_argnums=(0,),  # state + memory
                       in_shardings=(state_sh, batch_sh, batch_sh, sos_sh),
@@ -478,20 +532,6 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         writer.write(rec)
         logging.info("step %d valid: loss %.4f %s", step, res.loss, headline(res.loss, ds.unit))
         return res
-
-    def keep_if_best(step: int, res) -> None:
-        """The params of the step with the lowest periodic validation loss go to <workdir>/best
-        (the original's checkpoint_best.pt). Losses over another number of targets (eval_tokens
-        changed on a resume) are not comparable: the newer one replaces the record."""
-        nonlocal best
-        if not np.isfinite(res.loss) or (best is not None and best["step"] == step):
-            return
-        if best is not None and best["n_targets"] == res.n_targets and best["valid_loss"] <= res.loss:
-            return
-        best = {"step": step, "valid_loss": float(res.loss), "n_targets": int(res.n_targets),
-                "model": cfg.to_dict(), "dataset": ds.name, "unit": ds.unit}
-        best_ckpt.save(step, state.params, best)
-        shard_lib.sync(f"lamemo_best_{step}")
 
     bar = _progress(tc.num_steps, start, tc.progress_bar)
     stop_reason = None
@@ -539,7 +579,9 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.num_steps:
                 jax.block_until_ready(state.params)  # the steps dispatched so far are training time
                 t0 = time.time()
-                keep_if_best(step, validate(step))
+                best.offer(step, state.params, validate(step),
+                           lambda p: evaluate_tokens(periodic_eval_cfg, shard_lib.host_local(p), valid_tokens,
+                                                     batch_size=exp.eval.batch_size, max_tokens=tc.eval_tokens))
                 paused += time.time() - t0
             if step % tc.checkpoint_every == 0 and step < tc.num_steps and int(state.nonfinite_streak) == 0:
                 jax.block_until_ready(state.params)
@@ -575,9 +617,21 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
                 raise _Interrupted(stop.signal)
             res = validate(step, full=True)
             summary.update({"valid_loss": res.loss, **{f"valid_{k}": v for k, v in unit_metrics(res.loss, ds.unit).items()}})
-            tested_step, tested_params = _select_best_valid(best, best_ckpt, step, state.params, res,
-                                                            valid_tokens, periodic_eval_cfg, exp.eval.batch_size)
+            # the final model competes on the whole split (the kept one is evaluated there too)
+            best.offer(step, state.params, res,
+                       lambda p: evaluate_tokens(periodic_eval_cfg, shard_lib.host_local(p), valid_tokens,
+                                                 batch_size=exp.eval.batch_size))
+            tested_step = best.meta["step"] if best.meta is not None else step
+            tested_params = state.params if tested_step == step else best.params()
+            if tested_params is None:  # the kept model broke since it was compared
+                tested_step, tested_params = step, state.params
+            if tested_step != step:
+                logging.info("testing the best-valid model of step %d (valid loss %.4f; the final step "
+                             "%d has %.4f): %s", tested_step, best.meta["valid_loss"], step, res.loss,
+                             best.ckpt.step_dir(tested_step))
             summary["tested_step"] = tested_step
+            if jax.process_index() == 0:
+                write_text_atomic(os.path.join(workdir, TESTED), json.dumps({"step": tested_step}))
             if exp.eval.split != "valid":
                 split = exp.eval.split
                 r = evaluate_tokens(eval_cfg, shard_lib.host_local(tested_params), ds.split(split),
@@ -597,37 +651,12 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             logging.warning(msg)
             print(msg, flush=True)
             summary["interrupted"] = e.signal
+        finally:
+            stop.interrupt = False  # the run is complete: a later signal only sets the flag
         writer.close()
         ckpt.close()
-        best_ckpt.close()
+        best.close()
         return summary
-
-
-def _select_best_valid(best, best_ckpt, step, params, final, valid_tokens, eval_cfg, batch_size):
-    """(step, params) of the model to test: the best-valid one (the original tests
-    checkpoint_best.pt). The final model, validated on the whole split, is compared with the best
-    periodic one on the whole split too (evaluating it there when its periodic validation read
-    fewer targets). When the final model wins, <workdir>/best is emptied, so that it only ever
-    holds a model that beat the final one: eval.py and load_run use it when it is there."""
-    best_params = None
-    if best is not None and best["step"] != step:
-        try:
-            best_params, _ = best_ckpt.restore(best["step"], _abstract(params))
-        except CheckpointError as e:  # e.g. a deletion that a signal cut short
-            logging.warning("the best-valid model is unusable (%s); testing the final model", e)
-    if best_params is not None:
-        loss = best["valid_loss"]
-        if best["n_targets"] != final.n_targets:
-            loss = evaluate_tokens(eval_cfg, shard_lib.host_local(best_params), valid_tokens,
-                                   batch_size=batch_size).loss
-        if loss < final.loss:
-            logging.info("testing the best-valid model of step %d (valid loss %.4f; the final "
-                         "step %d has %.4f): %s", best["step"], loss, step, final.loss,
-                         best_ckpt.step_dir(best["step"]))
-            return best["step"], best_params
-    for s_ in best_ckpt.all_steps():
-        best_ckpt.delete(s_)
-    return step, params
 
 
 # --------------------------------------------------------------------------- loading a run
@@ -658,10 +687,11 @@ def recorded_experiment(info: dict, path: str) -> ExperimentConfig:
         raise ConfigError(f"{path}: {e}") from e
 
 
-def load_run(workdir: str, step: Optional[int] = None):
+def load_run(workdir: str, step: Optional[int] = None, *, with_path: bool = False):
     """(ExperimentConfig, ModelConfig, params, step) of a training workdir's model: the
-    checkpoint of ``step``; by default the best-valid model when the run kept one that beat its
-    final model (``<workdir>/best``, the one its test used), else the latest good checkpoint."""
+    checkpoint of ``step``; by default the model a finished run tested (its best-valid one,
+    named by ``<workdir>/tested.json``), else the latest good checkpoint (a live, stopped or
+    crashed run). ``with_path=True`` adds the directory the params came from."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -680,29 +710,46 @@ def load_run(workdir: str, step: Optional[int] = None):
     abstract = jax.eval_shape(lambda: init_train_state(cfg, exp.train, optimizer, exp.train.batch_size))
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # a checkpoint of any mesh loads here
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
+    tested = None
+    if step is None and os.path.exists(os.path.join(workdir, TESTED)):
+        try:
+            with open(os.path.join(workdir, TESTED)) as f:
+                tested = int(json.load(f)["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logging.warning("%s is unreadable (%s); using the latest checkpoint", TESTED, e)
     # read-only: a reader beside a live trainer must never move or delete its checkpoints
     best = Checkpointer(os.path.join(workdir, BEST), read_only=True) \
         if os.path.isdir(os.path.join(workdir, BEST)) else None
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints,
                         read_only=True)
+
+    def params_of(where, s):  # the params of step s in one of the two directories
+        restored = where.restore(s, abstract.params if where is best else abstract)[0]
+        return restored if where is best else restored.params
+
     try:
-        if step is None and best is not None and best.all_steps():
-            try:
-                params, _, step = best.restore_latest(abstract.params)
-                return exp, cfg, params, int(step)
-            except CheckpointError as e:  # e.g. its manifest is being written right now
-                logging.warning("not using the best-valid model: %s; using the latest checkpoint", e)
-        if step is None:
+        params = None
+        if step is not None:  # checkpoints/, or best/ when it was rotated out of checkpoints/
+            where = best if best is not None and step in best.all_steps() and step not in ckpt.all_steps() else ckpt
+            params, found = params_of(where, step), where.step_dir(step)
+        elif tested is not None:
+            for where in (best, ckpt):
+                if where is not None and tested in where.all_steps():
+                    try:
+                        params, found, step = params_of(where, tested), where.step_dir(tested), tested
+                        break
+                    except CheckpointError as e:
+                        logging.warning("%s", e)
+            if params is None:
+                logging.warning("the tested model of step %d is not available; using the latest "
+                                "checkpoint", tested)
+        if params is None:
             restored = ckpt.restore_latest(abstract)
             if restored is None:
                 raise CheckpointError(f"no checkpoint in {ckpt.directory}")
-            state, _, step = restored
-        elif step not in ckpt.all_steps() and best is not None and step in best.all_steps():
-            return exp, cfg, best.restore(step, abstract.params)[0], int(step)  # rotated out of checkpoints/
-        else:
-            state, _ = ckpt.restore(step, abstract)
+            params, step, found = restored[0].params, restored[2], ckpt.step_dir(restored[2])
     finally:
         ckpt.close()
         if best is not None:
             best.close()
-    return exp, cfg, state.params, int(step)
+    return (exp, cfg, params, int(step)) + ((found,) if with_path else ())

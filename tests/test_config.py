@@ -142,6 +142,11 @@ def test_evaluation_computes_in_float32_whatever_the_training_dtype():
         exp = ExperimentConfig.from_config_dict(cd)
         assert exp.eval_model().dtype == want, (train_dtype, eval_dtype)
         assert exp.eval_model().param_dtype == exp.model.param_dtype
+    with jax.enable_x64(False):
+        cd.model.dtype, cd.eval.dtype = "float32", "float64"
+        with pytest.raises(ConfigError, match="eval.dtype='float64' needs float64 enabled"):
+            ExperimentConfig.from_config_dict(cd).eval_model()
+        cd.eval.dtype = "float32"
     with pytest.raises(ConfigError, match="eval.dtype='fp32'"):
         ExperimentConfig.from_config_dict({**cd.to_dict(), "eval": {**cd.eval.to_dict(), "dtype": "fp32"}})
     cfg = exp.model.replace(dtype="float32", n_token=11)

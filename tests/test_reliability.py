@@ -94,10 +94,27 @@ def test_a_signal_after_the_last_step_stops_the_final_evaluation_and_exits_zero(
     summary = train_and_evaluate(tiny(num_steps=6, checkpoint_every=3), wd)
     assert summary["interrupted"] == "SIGTERM" and "valid_loss" not in summary
     assert Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [3, 6]
+    from lamemo_jax.trainer import load_run
+    assert not os.path.exists(os.path.join(wd, "tested.json")) and load_run(wd)[3] == 6  # the latest
     monkeypatch.undo()
     again = train_and_evaluate(tiny(num_steps=6, checkpoint_every=3), wd)  # the evaluation, re-done
     assert "interrupted" not in again and np.isfinite(again["valid_loss"])
+    assert json.load(open(os.path.join(wd, "tested.json"))) == {"step": 6}
     assert len([r for r in read_metrics(os.path.join(wd, "metrics.jsonl")) if r["split"] == "valid"]) == 1
+
+
+def test_a_signal_once_the_run_is_complete_only_sets_the_flag(tmp_path, monkeypatch):
+    """After the final evaluations (the metrics writer closing), a signal must not escape as an
+    exception: the run is complete and exits 0."""
+    from lamemo_jax import metrics
+    real = metrics.MetricWriter.close
+
+    def close(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+    monkeypatch.setattr(metrics.MetricWriter, "close", close)
+    summary = train_and_evaluate(tiny(num_steps=3), str(tmp_path))
+    assert "interrupted" not in summary and np.isfinite(summary["valid_loss"])
 
 
 def test_a_cut_metrics_line_does_not_block_the_resume(tmp_path, caplog):
@@ -121,6 +138,7 @@ def test_a_cut_metrics_line_does_not_block_the_resume(tmp_path, caplog):
 
 def test_evaluation_settings_that_cannot_run_fail_before_training(tmp_path):
     """Not at the first evaluation, hours later: before any step, naming the setting."""
+    train_and_evaluate(tiny(num_steps=3, eval_every=3, eval_tokens=5), str(tmp_path / "ok"))  # never run
     for train, evaluation, match in (({"eval_every": 5, "eval_tokens": 5}, {}, "train.eval_tokens=5"),
                                      ({}, {"batch_size": 100_000}, "eval.batch_size=100000")):
         c = tiny(**train)
@@ -137,6 +155,15 @@ def test_a_mistyped_config_override_is_one_line_naming_it(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "--config.train.batch_siez" in r.stderr and 'Did you mean "batch_size"' in r.stderr
+    buggy = tmp_path / "buggy.py"  # a bug inside a config file is not blamed on a valid override
+    buggy.write_text("import importlib\n\ndef get_config():\n"
+                     "    c = importlib.import_module('configs.tiny').get_config()\n"
+                     "    c.train.lr_schedule.warmup = 3\n    return c\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={buggy}",
+                        f"--workdir={tmp_path / 'w'}", "--config.train.num_steps=3"], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "lr_schedule" in r.stderr
+    assert "error: --config.train.num_steps" not in r.stderr
 
 
 def test_a_damaged_run_record_is_an_error_naming_it(tmp_path):
@@ -263,6 +290,7 @@ def test_load_run_beside_a_trainer_leaves_its_checkpoints_in_place(tmp_path):
     train_and_evaluate(tiny(num_steps=4, checkpoint_every=2), wd)
     ckdir = os.path.join(wd, "checkpoints")
     os.remove(os.path.join(ckdir, "4", MANIFEST))  # the trainer is still hashing step 4
+    os.remove(os.path.join(wd, "tested.json"))  # and (live) has not tested a model yet
     assert load_run(wd)[3] == 2
     assert os.path.isdir(os.path.join(ckdir, "4")) and not os.path.exists(ckdir + "_corrupt")
 

@@ -107,21 +107,20 @@ def test_the_test_split_is_scored_on_the_best_valid_model(tmp_path, monkeypatch,
     assert len(test) == 1 and summary["step"] == 30
     monkeypatch.undo()
     best_dir = os.path.join(workdir, "best")
+    tested = json.load(open(os.path.join(workdir, "tested.json")))["step"]
     if best_wins:
-        assert summary["tested_step"] == 10 and test[0]["model_step"] == 10 and test[0]["step"] == 30
-        assert sorted(os.listdir(best_dir)) == ["10"]  # the step-10 checkpoint itself is rotated out
+        assert summary["tested_step"] == tested == 10 and test[0]["model_step"] == 10 and test[0]["step"] == 30
+        assert "10" in os.listdir(best_dir)  # the step-10 checkpoint itself is rotated out
         _, cfg, params, step = load_run(workdir)  # the model the test used
         assert step == 10 and _fingerprint(params) == marked[0]
         assert _fingerprint(load_run(workdir, 10)[2]) == marked[0]
         assert _fingerprint(load_run(workdir, 30)[2]) != marked[0]
-    else:
-        assert summary["tested_step"] == 30 and test[0]["model_step"] == test[0]["step"] == 30
-        assert not [d for d in os.listdir(best_dir) if d.isdigit()]  # emptied: the final model won
-        assert load_run(workdir)[3] == 30
+    else:  # the final model won: it is kept as the best too (a candidate if the run goes on)
+        assert summary["tested_step"] == tested == 30 and test[0]["model_step"] == test[0]["step"] == 30
+        assert "30" in os.listdir(best_dir) and load_run(workdir)[3] == 30
     res = eval_run(workdir=workdir, split="test")  # eval.py scores the same model
     assert abs(res["loss"] - summary["eval_loss"]) <= 1e-6
-    assert res["source"] == os.path.join(workdir, "best" if best_wins else "checkpoints",
-                                         str(summary["tested_step"]))
+    assert res["source"] == os.path.join(workdir, "best", str(summary["tested_step"]))
 
 
 def test_a_best_valid_model_past_the_resumed_step_is_dropped(tmp_path, caplog):
