@@ -228,6 +228,7 @@ class BestValid:
     def __init__(self, workdir: str, start: int, abstract_params):
         self.ckpt = Checkpointer(os.path.join(workdir, BEST), keep=2)
         self.abstract = abstract_params
+        self._restored = (None, None)  # (step, params): the kept model is read from disk once
         for s in self.ckpt.all_steps():
             if s > start:  # the resumed run re-trains these steps: not its models
                 logging.info("dropping the best-valid model of step %d (after the resumed step %d)", s, start)
@@ -257,11 +258,14 @@ class BestValid:
 
     def params(self):
         """The kept best model's params (None, with a warning, when it is unusable)."""
-        try:
-            return self.ckpt.restore(self.meta["step"], self.abstract)[0]
-        except CheckpointError as e:  # e.g. a deletion that a kill cut short
-            logging.warning("the best-valid model is unusable (%s)", e)
-            return None
+        step = self.meta["step"]
+        if self._restored[0] != step:
+            try:
+                self._restored = (step, self.ckpt.restore(step, self.abstract)[0])
+            except CheckpointError as e:  # e.g. a deletion that a kill cut short
+                logging.warning("the best-valid model is unusable (%s)", e)
+                return None
+        return self._restored[1]
 
     def close(self):
         self.ckpt.close()
@@ -523,10 +527,12 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
         writer.flush()
         return path
 
+    def valid_result(params, full: bool):  # periodic: the first train.eval_tokens; full: all
+        return evaluate_tokens(periodic_eval_cfg, shard_lib.host_local(params), valid_tokens,
+                               batch_size=exp.eval.batch_size, max_tokens=0 if full else tc.eval_tokens)
+
     def validate(step: int, full: bool = False):
-        res = evaluate_tokens(periodic_eval_cfg, shard_lib.host_local(state.params), valid_tokens,
-                              batch_size=exp.eval.batch_size,
-                              max_tokens=0 if full else tc.eval_tokens)
+        res = valid_result(state.params, full)
         rec = {"step": step, "split": "valid", "loss": res.loss, **unit_metrics(res.loss, ds.unit),
                "n_targets": res.n_targets, "eval_seconds": round(res.seconds, 2)}
         writer.write(rec)
@@ -579,9 +585,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.num_steps:
                 jax.block_until_ready(state.params)  # the steps dispatched so far are training time
                 t0 = time.time()
-                best.offer(step, state.params, validate(step),
-                           lambda p: evaluate_tokens(periodic_eval_cfg, shard_lib.host_local(p), valid_tokens,
-                                                     batch_size=exp.eval.batch_size, max_tokens=tc.eval_tokens))
+                best.offer(step, state.params, validate(step), lambda p: valid_result(p, full=False))
                 paused += time.time() - t0
             if step % tc.checkpoint_every == 0 and step < tc.num_steps and int(state.nonfinite_streak) == 0:
                 jax.block_until_ready(state.params)
@@ -618,9 +622,7 @@ def _train(exp: ExperimentConfig, tc: TrainConfig, workdir: str) -> dict:
             res = validate(step, full=True)
             summary.update({"valid_loss": res.loss, **{f"valid_{k}": v for k, v in unit_metrics(res.loss, ds.unit).items()}})
             # the final model competes on the whole split (the kept one is evaluated there too)
-            best.offer(step, state.params, res,
-                       lambda p: evaluate_tokens(periodic_eval_cfg, shard_lib.host_local(p), valid_tokens,
-                                                 batch_size=exp.eval.batch_size))
+            best.offer(step, state.params, res, lambda p: valid_result(p, full=True))
             tested_step = best.meta["step"] if best.meta is not None else step
             tested_params = state.params if tested_step == step else best.params()
             if tested_params is None:  # the kept model broke since it was compared

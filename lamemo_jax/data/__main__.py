@@ -13,7 +13,7 @@ import numpy as np
 from lamemo_jax import cli, data
 from lamemo_jax.api import out_of_vocab_id
 from lamemo_jax.data.config import CorruptCacheError
-from lamemo_jax.data.dataset import Dataset, unigram_nll
+from lamemo_jax.data.dataset import Dataset, unigram_log_probs
 
 
 def _value(text: str) -> Any:
@@ -40,10 +40,10 @@ def checked_split(ds: Dataset, split: str) -> np.ndarray:
 
 def _print_statistics(ds: Dataset) -> None:
     splits = {s: checked_split(ds, s) for s in data.SPLITS}  # every split checked before any output
-    train = splits["train"]
+    logp = unigram_log_probs(splits["train"], ds.vocab.n_token)  # one table (unigram_nll's) for all
     print(f"{ds.name} ({ds.unit}, report {ds.metric}): n_token={ds.vocab.n_token}")
     for s, toks in splits.items():
-        nll = unigram_nll(train, toks, ds.vocab.n_token)
+        nll = float(-logp[np.asarray(toks, dtype=np.int64)].mean())
         score = f"ppl {math.exp(nll):.2f}" if ds.metric == "ppl" else f"bpc {nll / math.log(2):.4f}"
         print(f"  {s:5s} {len(toks):>12,d} tokens   add-one train-unigram {score}")
     print(f"  files: {ds.info.get('data_dir', '(in memory)')}")

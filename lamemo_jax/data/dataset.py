@@ -196,6 +196,11 @@ def unigram_nll(train: np.ndarray, tokens: np.ndarray, n_token: int, alpha: floa
         bad = out_of_vocab_id(ids, n_token)
         if bad is not None:
             raise ValueError(f"{name} holds token id {bad} outside the vocabulary [0, {n_token})")
+    return float(-unigram_log_probs(train, n_token, alpha)[np.asarray(tokens, dtype=np.int64)].mean())
+
+
+def unigram_log_probs(train: np.ndarray, n_token: int, alpha: float = 1.0) -> np.ndarray:
+    """float64 [n_token]: ``log p(w)`` of ``unigram_nll``, for ids already checked to be in
+    ``[0, n_token)`` (one table for several splits)."""
     counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=n_token).astype(np.float64)
-    logp = np.log(counts + alpha) - np.log(len(train) + alpha * n_token)
-    return float(-logp[np.asarray(tokens, dtype=np.int64)].mean())
+    return np.log(counts + alpha) - np.log(len(train) + alpha * n_token)
